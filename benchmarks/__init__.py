@@ -1,0 +1,1 @@
+"""snapfs benchmark suite (see README.md)."""

@@ -1,0 +1,273 @@
+"""snapfs benchmark: snapfs vs git / restic / borg / rsync --link-dest / cp -al (/ cp --reflink).
+
+Run from the repository root::
+
+    python -m benchmarks.run --scale 0.05 --repeat 1      # smoke run, < 1 minute
+    python -m benchmarks.run --fs all --out results.json  # full run
+
+See benchmarks/README.md for what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import genproject, report, treecheck  # noqa: E402
+from benchmarks.tools import ALL_TOOLS, CmdError, Tool, Unsupported, run  # noqa: E402
+
+FS_KINDS = ["main", "ext4-loop", "xfs-loop"]
+DEFAULT_PEERS = ["git", "restic", "borg", "rsync", "cp-al", "cp-reflink"]
+PEER_ALIASES = {"cp": "cp-al", "reflink": "cp-reflink"}
+FLOORS_SCRIPT = Path(__file__).resolve().parent / "floors.py"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# filesystems
+
+
+@contextmanager
+def filesystem(kind: str, workdir: Path, scale: float) -> Iterator[Path]:
+    """Yield a fresh directory on the requested filesystem; unmount/remove it afterwards."""
+    if kind == "main":
+        base = workdir / "main"
+        base.mkdir()
+        try:
+            yield base
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        return
+    img, mnt = workdir / f"{kind}.img", workdir / f"mnt-{kind}"
+    # Room for pristine + work copy + change + the largest store + a restore dir.
+    size = int((1.5 + 12 * scale) * (1 << 30))
+    mkfs = ["mkfs.xfs", "-q", "-m", "reflink=1"] if kind == "xfs-loop" else ["mkfs.ext4", "-q", "-F"]
+    mounted = False
+    mnt.mkdir()
+    try:
+        with open(img, "wb") as f:
+            f.truncate(size)
+        run([*mkfs, str(img)])
+        run(["mount", "-o", "loop", str(img), str(mnt)])
+        mounted = True
+        yield mnt
+    finally:
+        if mounted:
+            _unmount(mnt)
+        img.unlink(missing_ok=True)
+        if not os.path.ismount(mnt):
+            mnt.rmdir()
+
+
+def _unmount(mnt: Path) -> None:
+    for _ in range(5):
+        if subprocess.run(["umount", str(mnt)]).returncode == 0:
+            return
+        time.sleep(1)  # e.g. a straggling child still has a file open
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def warm_read(root: Path) -> None:
+    """Untimed read of every file so each tool starts with the same (warm) page cache."""
+    buf = bytearray(1 << 20)
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                continue
+            with open(p, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    os.sync()  # don't bill this step for writeback of the previous step's dirty pages
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def run_floors(root: Path, repeat: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in ("walk", "hash"):
+        samples = [json.loads(run([sys.executable, str(FLOORS_SCRIPT), mode, str(root)])) for _ in range(repeat)]
+        out[mode] = {**samples[0], "seconds": statistics.median(s["seconds"] for s in samples),
+                     "raw": [s["seconds"] for s in samples]}
+    return out
+
+
+def status_check(status: Any, expected: dict[str, int]) -> str:
+    """Compare snapfs's status JSON to what we know changed (files only)."""
+    if not isinstance(status, dict):
+        return "n/a"
+    got = {k: len(status.get(k, [])) for k in expected}
+    return "ok" if got == expected else f"MISMATCH got {got} expected {expected}"
+
+
+# ---------------------------------------------------------------------------
+# one tool, one repeat
+
+
+def run_tool_once(tool: Tool, pristine: Path, expected: treecheck.Manifest, scale: float) -> dict[str, Any]:
+    """Copy the pristine project, then walk the tool through the whole scenario."""
+    res: dict[str, Any] = {"times": {}, "store_bytes": None, "exact": None, "leaked": None,
+                           "status_check": None, "error": None}
+    times = res["times"]
+    run(["cp", "-a", str(pristine), str(tool.project)])
+    warm_read(tool.project)
+
+    def step(key: str, fn: Callable[[], Any]) -> Any:
+        try:
+            times[key], out = timed(fn)
+        except Unsupported:
+            times[key] = None
+            return None
+        log(f"  {tool.name:<10} {key:<18} {times[key]:8.3f}s")
+        return out
+
+    try:
+        step("init", tool.init)
+        step("snapshot_first", lambda: tool.snapshot("first"))
+        step("snapshot_nochange", lambda: tool.snapshot("nochange"))
+        clean = step("status_clean", tool.status)
+        change = genproject.apply_change(tool.project, scale)
+        dirty = step("status_dirty", tool.status)
+        if tool.name == "snapfs":
+            zero = {"added": 0, "modified": 0, "deleted": 0}
+            res["status_check"] = f"clean: {status_check(clean, zero)}; dirty: {status_check(dirty, change.counts())}"
+        step("snapshot_change", lambda: tool.snapshot("change"))
+        res["store_bytes"] = _optional(tool.store_bytes)
+        first_dir = tool.first_snapshot_dir()
+        if first_dir is not None:
+            leaks = treecheck.diff(expected, treecheck.manifest(first_dir))
+            res["leaked"] = "none" if not leaks else f"not exact: {len(leaks)} files leaked"
+        restored = step("restore", tool.restore_first)
+        if restored is not None:
+            diffs = treecheck.diff(expected, treecheck.manifest(restored))
+            res["exact"], res["diffs_sample"] = treecheck.verdict(diffs), diffs[:20]
+    except CmdError as e:
+        res["error"] = str(e)
+        log(f"  {tool.name}: ERROR {e}")
+    except Exception as e:  # noqa: BLE001 - e.g. unparsable output: one broken tool must not stop the suite
+        res["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+        log(f"  {tool.name}: ERROR {res['error']}")
+    return res
+
+
+def _optional(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Unsupported:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# one filesystem
+
+
+def select_tools(peers: list[str], fs: str) -> list[type[Tool]]:
+    chosen: list[type[Tool]] = []
+    for name in ["snapfs", *peers]:
+        cls = ALL_TOOLS[name]
+        if name == "cp-reflink" and fs != "xfs-loop":
+            continue  # reflink copies need XFS (or btrfs) here
+        reason = cls.unavailable_reason()
+        if reason:
+            log(f"SKIP {name}: {reason}")
+            continue
+        chosen.append(cls)
+    return chosen
+
+
+def bench_fs(fs: str, base: Path, args: argparse.Namespace) -> dict[str, Any]:
+    pristine = base / "pristine"
+    log(f"[{fs}] generating project (scale {args.scale}) in {pristine}")
+    genproject.generate(pristine, args.scale)
+    warm_read(pristine)
+    expected = treecheck.manifest(pristine)
+    floors = run_floors(pristine, args.repeat)
+    info = {"scale": args.scale, "repeat": args.repeat, "files": floors["walk"]["entries"],
+            "bytes": floors["walk"]["bytes"]}
+    tools = select_tools(args.peers, fs)
+    runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in tools}
+    # Repeats outer, tools inner: slow drift (thermal, writeback) spreads over all tools evenly.
+    for r in range(args.repeat):
+        for cls in tools:
+            area = base / f"area-{cls.name}"
+            area.mkdir()
+            log(f"[{fs}] repeat {r + 1}/{args.repeat}: {cls.name}")
+            try:
+                runs[cls.name].append(run_tool_once(cls(area), pristine, expected, args.scale))
+            finally:
+                shutil.rmtree(area, ignore_errors=True)
+    agg = {name: report.aggregate(rs) for name, rs in runs.items()}
+    print("\n" + report.fs_report(fs, info, agg, floors) + "\n", flush=True)
+    return {"info": info, "floors": floors, "runs": runs, "medians": agg}
+
+
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=float, default=1.0, help="project size factor (0.05 = smoke test)")
+    ap.add_argument("--repeat", type=int, default=3, help="repeats per tool; medians are reported")
+    ap.add_argument("--fs", choices=[*FS_KINDS, "all"], default="main")
+    ap.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                    help=f"comma list from {DEFAULT_PEERS} (aliases: cp, reflink); 'none' for snapfs only")
+    ap.add_argument("--out", type=Path, default=Path("results.json"))
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                    help="big temp data goes into a fresh subdirectory of this")
+    args = ap.parse_args(argv)
+    names = [] if args.peers == "none" else [PEER_ALIASES.get(p.strip(), p.strip()) for p in args.peers.split(",")]
+    unknown = [p for p in names if p not in ALL_TOOLS or p == "snapfs"]
+    if unknown:
+        ap.error(f"unknown peers {unknown}; choose from {DEFAULT_PEERS}")
+    args.peers = names
+    if (args.fs != "main") and os.geteuid() != 0:
+        ap.error("loop mounts need root")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # SIGTERM -> SystemExit so the finally blocks unmount and clean up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="snapfs-bench-", dir=args.workdir))
+    results: dict[str, Any] = {"argv": sys.argv, "started": time.time(), "filesystems": {}}
+    try:
+        for fs in FS_KINDS if args.fs == "all" else [args.fs]:
+            with filesystem(fs, workdir, args.scale) as base:
+                results["filesystems"][fs] = bench_fs(fs, base, args)
+            args.out.write_text(json.dumps(results, indent=1))  # keep partial results
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    log(f"raw results written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""snapfs: crash-safe, content-addressed snapshots and recovery for project folders.
+
+>>> import snapfs
+>>> project = snapfs.init("my-project")          # or snapfs.open() for an existing one
+>>> snap = project.snapshot(label="before import")
+>>> ...                                          # something breaks the project
+>>> project.rollback()                           # the tree is exactly as it was
+"""
+
+from ._config import Config
+from ._diff import Changes
+from ._errors import (
+    Category,
+    DiskFull,
+    ExitCode,
+    FilesystemError,
+    LockBusy,
+    NotAProject,
+    ObjectCorrupt,
+    ObjectMissing,
+    ProjectPathError,
+    SealBroken,
+    SnapfsError,
+    SnapshotNotFound,
+    StateCorrupt,
+    UnsafePath,
+    UsageError,
+)
+from ._fsops import LinkMode
+from ._project import (
+    GcReport,
+    Problem,
+    Project,
+    RestoreResult,
+    SnapshotInfo,
+    VerifyReport,
+    init,
+    open,
+)
+from ._scan import Progress
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Category",
+    "Changes",
+    "Config",
+    "DiskFull",
+    "ExitCode",
+    "FilesystemError",
+    "GcReport",
+    "LinkMode",
+    "LockBusy",
+    "NotAProject",
+    "ObjectCorrupt",
+    "ObjectMissing",
+    "Problem",
+    "Progress",
+    "Project",
+    "ProjectPathError",
+    "RestoreResult",
+    "SealBroken",
+    "SnapfsError",
+    "SnapshotInfo",
+    "SnapshotNotFound",
+    "StateCorrupt",
+    "UnsafePath",
+    "UsageError",
+    "VerifyReport",
+    "__version__",
+    "init",
+    "open",
+]

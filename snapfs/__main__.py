@@ -1,0 +1,3 @@
+from snapfs.cli import main
+
+main()

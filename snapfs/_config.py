@@ -1,0 +1,119 @@
+"""Configuration, resolved once: defaults < .snapfs/config (TOML) < SNAPFS_* environment < flags."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ._errors import UsageError
+from ._fsops import LinkMode
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: str | int) -> int:
+    """Parse ``64MiB``, ``512k``, ``1G`` or a plain byte count."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(value)
+    if not m:
+        raise UsageError(f"Not a size: {value!r} (use bytes or a suffix like 64MiB).")
+    unit = (m.group(2) or "").upper()[:1]
+    return int(m.group(1)) * _UNITS[unit]
+
+
+def _parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"Not a yes/no value: {value!r}.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every tunable in one frozen object. Library code takes this; it never reads the environment."""
+
+    store: Path | None = None
+    link_mode: LinkMode = LinkMode.AUTO
+    hardlink_threshold: int = 64 << 20
+    compress: bool = True
+    compress_level: int = 3
+    workers: int = 4
+    verify_restore: bool = True
+    lock_wait: bool = True
+
+
+_ENV = {
+    "SNAPFS_STORE": "store",
+    "SNAPFS_LINK_MODE": "link_mode",
+    "SNAPFS_HARDLINK_THRESHOLD": "hardlink_threshold",
+    "SNAPFS_COMPRESS": "compress",
+    "SNAPFS_COMPRESS_LEVEL": "compress_level",
+    "SNAPFS_WORKERS": "workers",
+    "SNAPFS_VERIFY_RESTORE": "verify_restore",
+}
+
+
+def _coerce(name: str, value: Any, base: Path | None) -> Any:
+    try:
+        if name == "store":
+            p = Path(os.path.expanduser(str(value)))
+            return (base / p) if base is not None and not p.is_absolute() else p.absolute()
+        if name == "link_mode":
+            return LinkMode(str(value).lower())
+        if name == "hardlink_threshold":
+            return parse_size(value)
+        if name in ("compress", "verify_restore", "lock_wait"):
+            return _parse_bool(value)
+        if name in ("compress_level", "workers"):
+            n = int(value)
+            if n < 1 or (name == "compress_level" and n > 22) or n > 64:
+                raise ValueError(n)
+            return n
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"Bad value for {name}: {value!r}.") from exc
+    raise UsageError(f"Unknown setting {name!r}.")
+
+
+def load_config(
+    project_root: Path | None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Resolve the configuration for a project (``project_root`` may be None before init)."""
+    values: dict[str, Any] = {}
+    if project_root is not None:
+        cfg_file = project_root / ".snapfs" / "config"
+        if cfg_file.exists():
+            try:
+                data = tomllib.loads(cfg_file.read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise UsageError(f"{cfg_file} is not valid TOML: {exc}.") from exc
+            known = {f.name for f in fields(Config)}
+            for key, value in data.items():
+                key = key.replace("-", "_")
+                if key not in known:
+                    raise UsageError(f"{cfg_file}: unknown setting {key!r}.")
+                values[key] = _coerce(key, value, project_root)
+    for var, name in _ENV.items():
+        if env and env.get(var):
+            values[name] = _coerce(name, env[var], None)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, None)
+    return replace(Config(), **values)

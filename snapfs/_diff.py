@@ -1,0 +1,120 @@
+"""Comparing trees. Identical subtrees share an oid, so a diff only descends where things differ."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from ._errors import StateCorrupt
+from ._hashing import Oid
+from ._tree import Entry, Kind, decode
+
+TreeLoader = Callable[[Oid], bytes | None]
+
+
+@dataclass(frozen=True)
+class Changes:
+    """Project-relative POSIX paths that differ. Directories end with ``/``.
+
+    Names that are not valid UTF-8 are decoded with ``surrogateescape`` (PEP 383): each bad byte
+    0xNN becomes the lone surrogate U+DCNN, which JSON writes as ``"\\udcNN"``. ``os.fsencode``
+    turns such a string back into the original bytes.
+    """
+
+    added: list[str] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.modified or self.deleted)
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"added": self.added, "modified": self.modified, "deleted": self.deleted}
+
+
+def load_entries(load: TreeLoader, oid: Oid) -> dict[bytes, Entry]:
+    data = load(oid)
+    if data is None:
+        raise StateCorrupt(
+            f"Tree {oid.hex()} is missing from the snapfs state.",
+            hint="Run 'snapfs verify' to see which snapshots are affected.",
+        )
+    return {e.name: e for e in decode(data)}
+
+
+def walk_diff(
+    load: TreeLoader, old: Oid | None, new: Oid | None, base: bytes = b""
+) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
+    """Yield (relpath, old entry, new entry) for every entry that differs, parents first.
+
+    Directories present on both sides with different content are descended into and also
+    yielded when their mode differs. Entries of a directory present on one side only are not
+    expanded: callers use :func:`walk_tree` for that.
+    """
+    stack: list[tuple[bytes, Oid | None, Oid | None]] = [(base, old, new)]
+    while stack:
+        rel, a_oid, b_oid = stack.pop()
+        if a_oid == b_oid:
+            continue
+        a = load_entries(load, a_oid) if a_oid is not None else {}
+        b = load_entries(load, b_oid) if b_oid is not None else {}
+        subdirs = []
+        for name in sorted(a.keys() | b.keys()):
+            ea, eb = a.get(name), b.get(name)
+            path = rel + b"/" + name if rel else name
+            if ea is not None and eb is not None and ea.kind == eb.kind == Kind.DIR:
+                if ea.mode != eb.mode:
+                    yield path, ea, eb
+                if ea.oid != eb.oid:
+                    subdirs.append((path, ea.oid, eb.oid))
+                continue
+            if ea is not None and eb is not None and ea.same_content(eb) and ea.mode == eb.mode:
+                continue
+            yield path, ea, eb
+        stack.extend(reversed(subdirs))
+
+
+def walk_tree(load: TreeLoader, oid: Oid, base: bytes) -> Iterator[tuple[bytes, Entry]]:
+    """Every entry below tree ``oid``, parents before children."""
+    stack = [(base, oid)]
+    while stack:
+        rel, t = stack.pop()
+        subdirs = []
+        for name, e in sorted(load_entries(load, t).items()):
+            path = rel + b"/" + name
+            yield path, e
+            if e.kind == Kind.DIR:
+                subdirs.append((path, e.oid))
+        stack.extend(reversed(subdirs))
+
+
+def _show(relpath: bytes, entry: Entry) -> str:
+    s = os.fsdecode(relpath)
+    return s + "/" if entry.kind == Kind.DIR else s
+
+
+def changes(load: TreeLoader, old: Oid, new: Oid) -> Changes:
+    """What changed going from tree ``old`` to tree ``new``."""
+    out = Changes()
+    for path, ea, eb in walk_diff(load, old, new):
+        if ea is None and eb is not None:
+            out.added.append(_show(path, eb))
+            if eb.kind == Kind.DIR:
+                out.added.extend(_show(p, e) for p, e in walk_tree(load, eb.oid, path))
+        elif eb is None and ea is not None:
+            out.deleted.append(_show(path, ea))
+            if ea.kind == Kind.DIR:
+                out.deleted.extend(_show(p, e) for p, e in walk_tree(load, ea.oid, path))
+        elif ea is not None and eb is not None:
+            if ea.kind != eb.kind:
+                out.modified.append(os.fsdecode(path))
+                if ea.kind == Kind.DIR:
+                    out.deleted.extend(_show(p, e) for p, e in walk_tree(load, ea.oid, path))
+                if eb.kind == Kind.DIR:
+                    out.added.extend(_show(p, e) for p, e in walk_tree(load, eb.oid, path))
+            else:
+                out.modified.append(_show(path, eb))
+    for lst in (out.added, out.modified, out.deleted):
+        lst.sort()
+    return out

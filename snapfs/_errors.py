@@ -1,0 +1,154 @@
+"""The snapfs exception tree.
+
+Every error a user can act on is a subclass of :class:`SnapfsError`. Each class carries a
+plain-language message (what happened, what to do next), a category, whether retrying can help, and
+the CLI exit code. Technical detail lives in attributes and ``__cause__``.
+
+::
+
+    SnapfsError
+     ├── UsageError (ValueError)            bad argument, unknown snapshot id
+     │    └── SnapshotNotFound (LookupError)
+     ├── NotAProject (FileNotFoundError)    no .snapfs/ here or above
+     ├── ProjectPathError (NotADirectoryError)
+     ├── LockBusy (BlockingIOError)         another writer holds the project
+     ├── ObjectMissing                      an object a snapshot needs is gone
+     ├── ObjectCorrupt                      an object's bytes no longer match its digest
+     │    └── SealBroken                    a hardlinked object was written in place
+     ├── StateCorrupt                       SQLite state or intent log unreadable
+     ├── UnsafePath                         a path would leave the project root
+     ├── DiskFull (OSError)                 ENOSPC / EDQUOT
+     └── FilesystemError (OSError)          any other OS error, with operation and path
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as _errno
+import os
+
+
+class Category(str, enum.Enum):
+    """What kind of failure this is, used to pick a recovery strategy."""
+
+    NETWORK = "network"
+    VALIDATION = "validation"
+    DEPENDENCY = "dependency"
+    SYSTEM = "system"
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FOUND = 1  # verify/diff found something
+    USAGE = 2
+    ERROR = 3
+
+
+class SnapfsError(Exception):
+    """Root of every error snapfs raises on purpose."""
+
+    category: Category = Category.SYSTEM
+    retryable: bool = False
+    exit_code: ExitCode = ExitCode.ERROR
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} {self.hint}" if self.hint else self.message
+
+
+class UsageError(SnapfsError, ValueError):
+    category = Category.VALIDATION
+    exit_code = ExitCode.USAGE
+
+
+class SnapshotNotFound(UsageError, LookupError):
+    pass
+
+
+class NotAProject(SnapfsError, FileNotFoundError):
+    category = Category.VALIDATION
+    exit_code = ExitCode.USAGE
+
+
+class ProjectPathError(SnapfsError, NotADirectoryError):
+    category = Category.VALIDATION
+    exit_code = ExitCode.USAGE
+
+
+class LockBusy(SnapfsError, BlockingIOError):
+    retryable = True
+
+    def __init__(self, message: str, *, owner: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.owner = owner
+
+
+class ObjectMissing(SnapfsError):
+    category = Category.VALIDATION
+
+    def __init__(self, message: str, *, oid: str = "", paths: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.oid = oid
+        self.paths = paths
+
+
+class ObjectCorrupt(SnapfsError):
+    category = Category.VALIDATION
+
+    def __init__(self, message: str, *, oid: str = "", paths: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.oid = oid
+        self.paths = paths
+
+
+class SealBroken(ObjectCorrupt):
+    """A hardlink-stored object's inode changed: something wrote to the file in place."""
+
+
+class StateCorrupt(SnapfsError):
+    category = Category.SYSTEM
+
+
+class UnsafePath(SnapfsError):
+    category = Category.VALIDATION
+    exit_code = ExitCode.USAGE
+
+
+class DiskFull(SnapfsError, OSError):
+    category = Category.SYSTEM
+    retryable = True
+
+
+class FilesystemError(SnapfsError, OSError):
+    category = Category.SYSTEM
+
+
+_NO_SPACE = {_errno.ENOSPC, _errno.EDQUOT}
+
+
+def from_oserror(exc: OSError, operation: str, path: str | bytes | None = None) -> SnapfsError:
+    """Turn an OSError into a one-line, plain-language snapfs error naming what and where."""
+    where = os.fsdecode(path if path is not None else (exc.filename or "")) or "?"
+    reason = exc.strerror or str(exc)
+    err: SnapfsError
+    if exc.errno in _NO_SPACE:
+        err = DiskFull(
+            f"{operation} stopped: the disk is full ({where}).",
+            hint="Free some space and run the command again; nothing was lost.",
+        )
+    elif exc.errno in (_errno.EACCES, _errno.EPERM):
+        err = FilesystemError(
+            f"{operation} stopped: permission denied on {where}.",
+            hint="Check the file's owner and permissions.",
+        )
+    elif exc.errno == _errno.EROFS:
+        err = FilesystemError(f"{operation} stopped: {where} is on a read-only filesystem.")
+    else:
+        err = FilesystemError(f"{operation} stopped: {reason} ({where}).")
+    err.errno = exc.errno
+    err.filename = where
+    return err

@@ -1,0 +1,38 @@
+"""Content digests. An ``oid`` is always the 16-byte XXH3-128 digest of an object's content."""
+
+from __future__ import annotations
+
+import os
+
+import xxhash
+
+Oid = bytes
+OID_LEN = 16
+READ_BLOCK = 1 << 20
+
+
+def hash_bytes(data: bytes | memoryview) -> Oid:
+    return xxhash.xxh3_128_digest(data)
+
+
+def hash_fd(fd: int) -> tuple[Oid, int]:
+    """Hash a file from its current offset to EOF. Returns (oid, bytes read)."""
+    h = xxhash.xxh3_128()
+    total = 0
+    while True:
+        block = os.read(fd, READ_BLOCK)
+        if not block:
+            return h.digest(), total
+        h.update(block)
+        total += len(block)
+
+
+def oid_hex(oid: Oid) -> str:
+    return oid.hex()
+
+
+def parse_oid(text: str) -> Oid:
+    raw = bytes.fromhex(text)
+    if len(raw) != OID_LEN:
+        raise ValueError(f"not an object id: {text!r}")
+    return raw

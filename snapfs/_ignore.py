@@ -1,0 +1,47 @@
+"""Ignore rules: ``.snapfsignore`` at the project root, in gitignore syntax.
+
+``.snapfs/`` itself is always ignored. An ignored path is neither snapshotted nor deleted or
+reverted by a restore.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pathspec
+
+from ._errors import UsageError
+
+IGNORE_FILE = ".snapfsignore"
+STATE_DIR = b".snapfs"
+
+
+class Ignore:
+    def __init__(self, lines: list[str]) -> None:
+        self._lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        try:
+            self._spec = pathspec.GitIgnoreSpec.from_lines(lines) if self._lines else None
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{IGNORE_FILE} has a pattern snapfs can't read: {exc}.") from exc
+
+    @classmethod
+    def load(cls, root: Path) -> Ignore:
+        try:
+            text = (root / IGNORE_FILE).read_bytes().decode("utf-8", "surrogateescape")
+        except FileNotFoundError:
+            return cls([])
+        except IsADirectoryError:
+            raise UsageError(f"{IGNORE_FILE} must be a file, not a directory.") from None
+        return cls(text.splitlines())
+
+    def __bool__(self) -> bool:
+        return self._spec is not None
+
+    def __call__(self, relpath: bytes) -> bool:
+        """Is this project-relative path ignored? Directories are passed with a trailing slash."""
+        if relpath == STATE_DIR or relpath.startswith(STATE_DIR + b"/"):
+            return True
+        if self._spec is None:
+            return False
+        return self._spec.match_file(os.fsdecode(relpath))

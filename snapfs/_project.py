@@ -1,0 +1,655 @@
+"""The Project facade: what ``snapfs.open()`` returns and every CLI command calls."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ._config import Config, load_config
+from ._diff import Changes, TreeLoader, changes, walk_tree
+from ._errors import (
+    NotAProject,
+    ObjectCorrupt,
+    ObjectMissing,
+    ProjectPathError,
+    SnapfsError,
+    SnapshotNotFound,
+    StateCorrupt,
+    UsageError,
+)
+from ._hashing import Oid, hash_bytes
+from ._ignore import Ignore
+from ._lock import Lock
+from ._objects import ObjectStore
+from ._restore import Intent, Op, apply_restore, finish, plan_restore, read_intent
+from ._scan import Progress, ProgressFn, ScanResult, no_progress, scan
+from ._state import KINDS, ProjectState, SnapshotRow
+from ._tree import Kind, decode, encode, tree_oid
+
+STATE_DIR = ".snapfs"
+_LATEST = re.compile(r"^latest(?:~(\d+))?$")
+_DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot as users see it. ``id`` is the number they type."""
+
+    id: int
+    created: float
+    label: str
+    kind: str
+    root: str
+    files: int
+    bytes: int
+    new_bytes: int
+    new_objects: int
+    seconds: float
+
+    @classmethod
+    def of(cls, row: SnapshotRow) -> SnapshotInfo:
+        return cls(
+            row.id,
+            row.created,
+            row.label,
+            row.kind,
+            row.root.hex(),
+            row.files,
+            row.bytes,
+            row.new_bytes,
+            row.new_objects,
+            row.seconds,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.created))
+        return d
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    target: int
+    pre_restore: int | None  # the snapshot that undoes this restore
+    plan: list[Op]
+    changed: int
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # missing, corrupt, tampered, tree
+    oid: str
+    message: str
+    paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    objects: int
+    trees: int
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class GcReport:
+    deleted_snapshots: list[int]
+    objects: int
+    trees: int
+    freed_bytes: int
+    dry_run: bool
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION.match(text.strip().lower())
+    if not m:
+        raise UsageError(f"Not a duration: {text!r} (use e.g. 30m, 12h, 7d, 2w).")
+    return int(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def find_root(start: Path) -> Path:
+    """The project containing ``start``: the nearest ancestor with a .snapfs/ state dir."""
+    start = start.absolute()
+    if not start.exists():
+        raise ProjectPathError(f"{start} does not exist.")
+    if not start.is_dir():
+        raise ProjectPathError(f"{start} is not a directory.")
+    for d in (start, *start.parents):
+        if (d / STATE_DIR / "project.db").is_file():
+            return d
+    raise NotAProject(
+        f"{start} is not inside a snapfs project.", hint="Run 'snapfs init' there first."
+    )
+
+
+def init(
+    path: str | os.PathLike[str],
+    *,
+    store: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Project:
+    """Make ``path`` a snapfs project (idempotent) and open it."""
+    root = Path(path).absolute()
+    if not root.exists():
+        raise ProjectPathError(f"{root} does not exist.")
+    if not root.is_dir():
+        raise ProjectPathError(f"{root} is not a directory.")
+    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        raise ProjectPathError(f"{root} is not readable and writable by you.")
+    state_dir = root / STATE_DIR
+    config = load_config(root, env, {**overrides, "store": store})
+    store_root = config.store or state_dir
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / "staging").mkdir(exist_ok=True)
+    st = ProjectState(state_dir / "project.db")
+    try:
+        recorded = st.get_meta("store")
+        if recorded is None:
+            st.set_meta("store", str(store_root))
+            st.set_meta("created", str(time.time()))
+        elif Path(recorded) != store_root and config.store is not None:
+            raise UsageError(f"{root} already uses the store {recorded}.")
+    finally:
+        st.close()
+    objects = ObjectStore.create(Path(store_root), config)
+    objects.register_project(root, state_dir / "project.db")
+    objects.close()
+    return Project(root, config)
+
+
+def open(  # noqa: A001 - the public name mirrors builtins.open on purpose
+    path: str | os.PathLike[str] = ".",
+    *,
+    store: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+    recover: bool = True,
+    **overrides: Any,
+) -> Project:
+    """Open the project containing ``path``. Finishes an interrupted restore if it can."""
+    root = find_root(Path(path))
+    config = load_config(root, env, {**overrides, "store": store})
+    project = Project(root, config)
+    if recover:
+        project._auto_recover()
+    return project
+
+
+class Project:
+    """A snapfs project: a folder, its ``.snapfs/`` state and an object store."""
+
+    def __init__(self, root: Path, config: Config) -> None:
+        self.root = root
+        self.state_dir = root / STATE_DIR
+        self.state = ProjectState(self.state_dir / "project.db")
+        recorded = self.state.get_meta("store")
+        store_root = Path(recorded) if recorded else self.state_dir
+        if config.store is not None and config.store != store_root:
+            self.state.close()
+            raise UsageError(
+                f"This project uses the store {store_root}, not {config.store}.",
+                hint="Drop --store / SNAPFS_STORE for this project.",
+            )
+        self.config = config
+        try:
+            self.store = ObjectStore(store_root, config)
+        except BaseException:
+            self.state.close()
+            raise
+        self.lock = Lock(self.state_dir / "lock", "project")
+        self.on_wait: Callable[[str], None] | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        self.lock.release()
+        self.state.close()
+        self.store.close()
+
+    def __enter__(self) -> Project:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _write_lock(self, purpose: str) -> Lock:
+        self.lock.acquire(wait=self.config.lock_wait, on_wait=self.on_wait, purpose=purpose)
+        return self.lock
+
+    def _load(self) -> TreeLoader:
+        return self.state.tree
+
+    # ---- ids ----------------------------------------------------------------------------
+    def resolve(self, ref: str | int) -> SnapshotRow:
+        """A snapshot by number, ``latest`` or ``latest~N``."""
+        text = str(ref).strip()
+        rows = None
+        m = _LATEST.match(text)
+        if m:
+            rows = self.state.snapshots()
+            n = int(m.group(1) or 0)
+            if n >= len(rows):
+                raise SnapshotNotFound(
+                    f"There is no snapshot {text}: the project has {len(rows)}."
+                )
+            return rows[-1 - n]
+        if not text.isdigit():
+            raise SnapshotNotFound(
+                f"{text!r} is not a snapshot id (use a number, 'latest' or 'latest~N')."
+            )
+        row = self.state.snapshot(int(text))
+        if row is None:
+            raise SnapshotNotFound(
+                f"There is no snapshot {text}.", hint="'snapfs list' shows the snapshots."
+            )
+        return row
+
+    # ---- reading ------------------------------------------------------------------------
+    def snapshots(self) -> list[SnapshotInfo]:
+        return [SnapshotInfo.of(r) for r in self.state.snapshots()]
+
+    @property
+    def head(self) -> int | None:
+        """The snapshot most recently taken or restored (like git's HEAD)."""
+        return self.state.head
+
+    def _scan_readonly(self, progress: ProgressFn) -> ScanResult:
+        return scan(
+            self.root,
+            ignore=Ignore.load(self.root),
+            cache=self.state.load_cache(),
+            batch=None,
+            workers=self.config.workers,
+            progress=progress,
+        )
+
+    def _overlay(self, extra: dict[Oid, bytes]) -> TreeLoader:
+        load = self.state.tree
+        return lambda oid: extra.get(oid) or load(oid)
+
+    def status(self, progress: ProgressFn = no_progress) -> Changes:
+        """Changes in the working tree since HEAD (everything is 'added' before any snapshot)."""
+        cur = self._scan_readonly(progress)
+        head = self.state.head
+        row = self.state.snapshot(head) if head is not None else None
+        base = row.root if row else _empty_tree(cur)
+        return changes(self._overlay(cur.trees), base, cur.root)
+
+    def diff(
+        self, a: str | int, b: str | int | None = None, progress: ProgressFn = no_progress
+    ) -> Changes:
+        """Changes from snapshot ``a`` to snapshot ``b`` (default: the working tree)."""
+        ra = self.resolve(a)
+        if b is not None:
+            return changes(self._load(), ra.root, self.resolve(b).root)
+        cur = self._scan_readonly(progress)
+        return changes(self._overlay(cur.trees), ra.root, cur.root)
+
+    # ---- snapshot -----------------------------------------------------------------------
+    def snapshot(
+        self, label: str = "", *, kind: str = "manual", progress: ProgressFn = no_progress
+    ) -> SnapshotInfo:
+        """Record the working tree. Costs only what changed since the last snapshot."""
+        if kind not in KINDS:
+            raise UsageError(f"Unknown snapshot kind {kind!r} (one of {', '.join(KINDS)}).")
+        with self._write_lock(f"snapshot {label}".strip()):
+            self._recover_locked()
+            sid = self._snapshot_locked(label, kind, progress)
+            row = self.state.snapshot(sid)
+            assert row is not None
+            return SnapshotInfo.of(row)
+
+    def _snapshot_locked(
+        self,
+        label: str,
+        kind: str,
+        progress: ProgressFn,
+        *,
+        set_head: bool = True,
+        skip_if_root: Oid | None = None,
+    ) -> int:
+        t0 = time.monotonic()
+        self.store.sweep_tmp()
+        self.store.lock.acquire(shared=True, wait=True)
+        try:
+            batch = self.store.batch()
+            try:
+                res = scan(
+                    self.root,
+                    ignore=Ignore.load(self.root),
+                    cache=self.state.load_cache(),
+                    batch=batch,
+                    workers=self.config.workers,
+                    progress=progress,
+                )
+                if skip_if_root is not None and res.root == skip_if_root:
+                    batch.abort()
+                    self.state.update_cache(res.cache_updates, res.cache_deletes)
+                    return -1
+                new_objects = batch.new_objects
+                batch.commit()
+            except BaseException:
+                batch.abort()
+                raise
+            return self.state.add_snapshot(
+                kind=kind,
+                label=label,
+                root=res.root,
+                trees=res.trees.items(),
+                files=res.files,
+                nbytes=res.nbytes,
+                new_bytes=res.stored,
+                new_objects=new_objects,
+                seconds=time.monotonic() - t0,
+                cache_updates=res.cache_updates,
+                cache_deletes=res.cache_deletes,
+                set_head=set_head,
+            )
+        finally:
+            self.store.lock.release()
+
+    # ---- restore ------------------------------------------------------------------------
+    def restore(
+        self,
+        ref: str | int,
+        *,
+        dry_run: bool = False,
+        progress: ProgressFn = no_progress,
+    ) -> RestoreResult:
+        """Make the working tree exactly equal to snapshot ``ref``. Undo with the pre-restore id."""
+        if dry_run:
+            target = self.resolve(ref)
+            cur = self._scan_readonly(progress)
+            plan = plan_restore(self._overlay(cur.trees), cur.root, target.root)
+            return RestoreResult(target.id, None, plan, len(plan), dry_run=True)
+        with self._write_lock(f"restore {ref}"):
+            self._recover_locked()
+            target = self.resolve(ref)
+            head = self.state.head
+            head_row = self.state.snapshot(head) if head is not None else None
+            # The state being left is saved first, unless HEAD already records it exactly.
+            pre = self._snapshot_locked(
+                f"before restoring {target.id}",
+                "pre-restore",
+                progress,
+                set_head=False,
+                skip_if_root=head_row.root if head_row else None,
+            )
+            current = self.state.snapshot(pre).root if pre > 0 else head_row.root  # type: ignore[union-attr]
+            undo = pre if pre > 0 else head
+            if current == target.root:
+                self.state.set_meta("head", str(target.id))
+                return RestoreResult(target.id, undo, [], 0)
+            plan = self._restore_to(target, current, undo, progress)
+            return RestoreResult(target.id, undo, plan, len(plan))
+
+    def rollback(
+        self, to: str | int | None = None, *, progress: ProgressFn = no_progress
+    ) -> RestoreResult:
+        """Restore the latest checkpoint: the newest snapshot that is not a pre-restore one."""
+        if to is None:
+            rows = [r for r in self.state.snapshots() if r.kind != "pre-restore"]
+            if not rows:
+                raise SnapshotNotFound("There is no checkpoint to roll back to yet.")
+            to = rows[-1].id
+        return self.restore(to, progress=progress)
+
+    def _restore_to(
+        self, target: SnapshotRow, current: Oid, pre: int | None, progress: ProgressFn
+    ) -> list[Op]:
+        plan = plan_restore(self._load(), current, target.root)
+        intent = Intent(target.id, target.root, pre, f"r{target.id}-{os.getpid()}", time.time(), os.getpid())
+        ignore = Ignore.load(self.root)
+        applied = apply_restore(
+            root=self.root,
+            state_dir=self.state_dir,
+            store=self.store,
+            plan=plan,
+            intent=intent,
+            keep=ignore,
+            progress=progress,
+        )
+        self._finish_restore(intent, applied.puts, applied.removed)
+        return plan
+
+    def _finish_restore(
+        self, intent: Intent, puts: list[tuple[bytes, Any]], removed: Iterable[bytes]
+    ) -> None:
+        cache = self.state.load_cache()
+        gone = set()
+        for r in removed:
+            prefix = r + b"/"
+            gone.update(p for p in cache if p == r or p.startswith(prefix))
+        self.state.update_cache(puts, gone - {p for p, _ in puts})
+        self.state.set_meta("head", str(intent.target))
+        finish(self.state_dir, intent)
+
+    # ---- recovery -----------------------------------------------------------------------
+    def pending_recovery(self) -> Intent | None:
+        return read_intent(self.state_dir / "intent.json")
+
+    def _auto_recover(self) -> None:
+        if not (self.state_dir / "intent.json").exists():
+            return
+        try:
+            self.lock.acquire(wait=False, purpose="recover")
+        except SnapfsError:
+            return  # a live writer owns the project; it will finish its own work
+        try:
+            self._recover_locked()
+        finally:
+            self.lock.release()
+
+    def recover(self, *, discard: bool = False, progress: ProgressFn = no_progress) -> str:
+        """Finish (or with ``discard``, forget) interrupted work. Returns what was done."""
+        with self._write_lock("recover"):
+            if discard:
+                path = self.state_dir / "intent.json"
+                if path.exists():
+                    path.unlink()
+                    shutil.rmtree(self.state_dir / "staging", ignore_errors=True)
+                    (self.state_dir / "staging").mkdir(exist_ok=True)
+                    return "Discarded the record of an interrupted restore."
+                return "Nothing to recover."
+            return self._recover_locked(progress) or "Nothing to recover."
+
+    def _recover_locked(self, progress: ProgressFn = no_progress) -> str | None:
+        intent = read_intent(self.state_dir / "intent.json")
+        if intent is None:
+            self._sweep_staging()
+            return None
+        target = self.state.snapshot(intent.target)
+        if target is None or target.root != intent.target_root:
+            raise StateCorrupt(
+                f"An interrupted restore targets snapshot {intent.target}, which is gone.",
+                hint="Run 'snapfs recover --discard' and restore the snapshot you want.",
+            )
+        cur = self._scan_readonly(progress)
+        load = self._overlay(cur.trees)
+        plan = plan_restore(load, cur.root, target.root)
+        retry = Intent(intent.target, intent.target_root, intent.pre, intent.staging + "-r", time.time(), os.getpid())
+        applied = apply_restore(
+            root=self.root,
+            state_dir=self.state_dir,
+            store=self.store,
+            plan=plan,
+            intent=retry,
+            keep=Ignore.load(self.root),
+            progress=progress,
+        )
+        self._finish_restore(retry, applied.puts, applied.removed)
+        self._sweep_staging()
+        return f"Finished an interrupted restore of snapshot {intent.target} ({len(plan)} changes)."
+
+    def _sweep_staging(self) -> None:
+        staging = self.state_dir / "staging"
+        if staging.is_dir():
+            for name in os.listdir(staging):
+                shutil.rmtree(staging / name, ignore_errors=True)
+
+    # ---- verify -------------------------------------------------------------------------
+    def verify(self, progress: ProgressFn = no_progress) -> VerifyReport:
+        """Re-hash every object and tree the snapshots need. Problems are named, not raised."""
+        problems: list[Problem] = []
+        users: dict[Oid, list[str]] = {}
+        seen_trees: set[Oid] = set()
+        load = self._load()
+        for row in self.state.snapshots():
+            stack = [(b"", row.root)]
+            while stack:
+                rel, t = stack.pop()
+                if t in seen_trees:
+                    continue
+                seen_trees.add(t)
+                data = load(t)
+                if data is None or hash_bytes(data) != t:
+                    what = "missing" if data is None else "corrupt"
+                    problems.append(
+                        Problem(
+                            "tree",
+                            t.hex(),
+                            f"snapshot {row.id}: the directory listing of "
+                            f"{os.fsdecode(rel) or '(project root)'} is {what}.",
+                        )
+                    )
+                    continue
+                try:
+                    entries = decode(data)
+                except StateCorrupt:
+                    problems.append(Problem("tree", t.hex(), f"snapshot {row.id}: tree {t.hex()} is malformed."))
+                    continue
+                for e in entries:
+                    path = rel + b"/" + e.name if rel else e.name
+                    if e.kind == Kind.DIR:
+                        stack.append((path, e.oid))
+                    elif e.kind == Kind.FILE:
+                        lst = users.setdefault(e.oid, [])
+                        if len(lst) < 5:
+                            lst.append(f"snapshot {row.id}: {os.fsdecode(path)}")
+
+        def check(oid: Oid) -> Problem | None:
+            try:
+                self.store.check(oid)
+            except ObjectMissing:
+                return Problem("missing", oid.hex(), "missing from the store", tuple(users[oid]))
+            except ObjectCorrupt as exc:
+                kind = "tampered" if "in place" in exc.message else "corrupt"
+                return Problem(kind, oid.hex(), exc.message, tuple(users[oid]))
+            return None
+
+        done = 0
+        with ThreadPoolExecutor(max_workers=self.config.workers) as pool:
+            for p in pool.map(check, list(users)):
+                done += 1
+                if done % 1024 == 0:
+                    progress(Progress("verify", done, len(users)))
+                if p is not None:
+                    problems.append(p)
+        return VerifyReport(len(users), len(seen_trees), problems)
+
+    # ---- gc -----------------------------------------------------------------------------
+    def gc(
+        self,
+        *,
+        keep_last: int | None = None,
+        keep_within: str | float | None = None,
+        dry_run: bool = False,
+    ) -> GcReport:
+        """Delete snapshots outside the retention policy and every object nothing references."""
+        if keep_last is not None and keep_last < 0:
+            raise UsageError("--keep-last must be 0 or more.")
+        within = parse_duration(keep_within) if isinstance(keep_within, str) else keep_within
+        with self._write_lock("gc"):
+            self._recover_locked()
+            rows = self.state.snapshots()
+            head = self.state.head
+            if keep_last is None and within is None:
+                kept = rows
+            else:
+                now = time.time()
+                keep_ids = {head} if head is not None else set()
+                if keep_last:
+                    keep_ids.update(r.id for r in rows[-keep_last:])
+                if within is not None:
+                    keep_ids.update(r.id for r in rows if now - r.created <= within)
+                kept = [r for r in rows if r.id in keep_ids]
+            doomed = [r.id for r in rows if r not in kept]
+            self.store.lock.acquire(wait=True)
+            try:
+                return self._sweep(kept, doomed, dry_run)
+            finally:
+                self.store.lock.release()
+
+    def _sweep(self, kept: list[SnapshotRow], doomed: list[int], dry_run: bool) -> GcReport:
+        live_trees: set[Oid] = set()
+        live_objects = self.state.cache_oids()
+        _mark(self._load(), [r.root for r in kept], live_trees, live_objects)
+        for root, db in self.store.projects():
+            if root == self.root:
+                continue
+            if not db.exists():
+                continue  # that project is gone; nothing of it needs keeping
+            other = ProjectState(db)
+            try:
+                _mark(other.tree, [r.root for r in other.snapshots()], set(), live_objects)
+                live_objects |= other.cache_oids()
+            finally:
+                other.close()
+        dead_trees = [t for t in self.state.tree_oids() if t not in live_trees]
+        freed = 0
+        dead_objects = []
+        for oid, _path in self.store.iter_oids():
+            if oid not in live_objects:
+                size, nlink = self.store.stored_size(oid)
+                freed += size if nlink <= 1 else 0
+                dead_objects.append(oid)
+        if not dry_run:
+            self.state.delete_snapshots(doomed)
+            for oid in dead_objects:
+                self.store.delete(oid)
+            self.state.delete_trees(dead_trees)
+        return GcReport(doomed, len(dead_objects), len(dead_trees), freed, dry_run)
+
+
+def _mark(load: TreeLoader, roots: list[Oid], trees: set[Oid], objects: set[Oid]) -> None:
+    """Add every tree and file object reachable from ``roots``, visiting each tree once."""
+    stack = [r for r in roots if r not in trees]
+    trees.update(stack)
+    while stack:
+        for e in decode(_require(load, stack.pop())):
+            if e.kind == Kind.DIR and e.oid not in trees:
+                trees.add(e.oid)
+                stack.append(e.oid)
+            elif e.kind == Kind.FILE:
+                objects.add(e.oid)
+
+
+def _require(load: TreeLoader, oid: Oid) -> bytes:
+    data = load(oid)
+    if data is None:
+        raise StateCorrupt(
+            f"Tree {oid.hex()} is missing, so gc can't tell what is still needed; nothing was deleted.",
+            hint="Run 'snapfs verify'.",
+        )
+    return data
+
+
+def _empty_tree(cur: ScanResult) -> Oid:
+    data = encode([])
+    oid = tree_oid(data)
+    cur.trees[oid] = data
+    return oid

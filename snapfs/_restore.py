@@ -1,0 +1,320 @@
+"""Restore: plan the changes that make the tree equal a snapshot, stage them, then land them.
+
+Protocol (each step durable before the next):
+
+1. **Plan** from the tree diff: remove, mkdir, put file, make symlink, set directory mode.
+2. **Stage**: every file and symlink the plan lands is written into ``.snapfs/staging/`` on the
+   same filesystem, verified against its digest. A missing or corrupt object stops here, before
+   anything in the project changed. One ``syncfs`` makes the staged content durable.
+3. **Intent**: ``.snapfs/intent.json`` records the target; written atomically and fsynced.
+4. **Apply**: removals, then renames from staging into place (each rename is atomic), then
+   directory modes, deepest first. A final ``syncfs`` makes the renames durable.
+5. **Finish**: update the stat cache and HEAD, then remove the intent and the staging dir.
+
+A crash anywhere after step 3 is finished by re-running the restore to the recorded target:
+restore is "make the tree equal T", which converges from any intermediate state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from ._crash import crash_point
+from ._diff import TreeLoader, walk_diff, walk_tree
+from ._errors import ObjectCorrupt, ObjectMissing, StateCorrupt, from_oserror
+from ._fsops import (
+    DIR_FLAGS,
+    fsync_dir,
+    make_durable,
+    open_parent,
+    remove_entry,
+    write_file_atomic,
+)
+from ._hashing import Oid
+from ._objects import ObjectStore
+from ._scan import Progress, ProgressFn, _racy, no_progress
+from ._state import CacheEntry
+from ._tree import Entry, Kind
+
+INTENT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One step of a restore plan. ``action`` is remove, mkdir, put, link or chmod."""
+
+    action: str
+    relpath: bytes
+    mode: int = 0
+    oid: Oid = b""
+    target: bytes = b""
+    size: int = 0
+
+    def describe(self) -> str:
+        p = os.fsdecode(self.relpath)
+        if self.action == "remove":
+            return f"delete  {p}"
+        if self.action == "mkdir":
+            return f"mkdir   {p}/"
+        if self.action == "put":
+            return f"write   {p} ({self.size} bytes, mode {self.mode:o})"
+        if self.action == "link":
+            return f"symlink {p} -> {os.fsdecode(self.target)}"
+        return f"chmod   {p}/ {self.mode:o}"
+
+
+def plan_restore(load: TreeLoader, current: Oid, target: Oid) -> list[Op]:
+    """The ops that turn tree ``current`` into tree ``target``, in apply order."""
+    ops: list[Op] = []
+    dir_modes: list[Op] = []
+
+    def create(path: bytes, e: Entry) -> None:
+        if e.kind == Kind.DIR:
+            ops.append(Op("mkdir", path))
+            dir_modes.append(Op("chmod", path, e.mode))
+            for sub, se in walk_tree(load, e.oid, path):
+                create_one(sub, se)
+        else:
+            create_one(path, e)
+
+    def create_one(path: bytes, e: Entry) -> None:
+        if e.kind == Kind.DIR:
+            ops.append(Op("mkdir", path))
+            dir_modes.append(Op("chmod", path, e.mode))
+        elif e.kind == Kind.FILE:
+            ops.append(Op("put", path, e.mode, e.oid, size=e.size))
+        else:
+            ops.append(Op("link", path, target=e.target))
+
+    for path, old, new in walk_diff(load, current, target):
+        if new is None:
+            ops.append(Op("remove", path))
+        elif old is None:
+            create(path, new)
+        elif old.kind != new.kind:
+            ops.append(Op("remove", path))
+            create(path, new)
+        elif new.kind == Kind.DIR:
+            dir_modes.append(Op("chmod", path, new.mode))
+        else:
+            # A file whose mode alone changed is re-landed too: its inode may be a sealed,
+            # shared store object whose mode must not change under the store.
+            create_one(path, new)
+    # Directory modes last and deepest first, so a read-only directory is filled before it closes.
+    dir_modes.sort(key=lambda op: op.relpath.count(b"/"), reverse=True)
+    return ops + dir_modes
+
+
+@dataclass(frozen=True)
+class Intent:
+    target: int
+    target_root: Oid
+    pre: int | None
+    staging: str
+    started: float
+    pid: int
+
+
+def write_intent(path: Path, intent: Intent) -> None:
+    body = json.dumps(
+        {
+            "version": INTENT_VERSION,
+            "op": "restore",
+            "target": intent.target,
+            "target_root": intent.target_root.hex(),
+            "pre": intent.pre,
+            "staging": intent.staging,
+            "started": intent.started,
+            "pid": intent.pid,
+        },
+        sort_keys=True,
+    )
+    write_file_atomic(path, (body + "\n" + xxhash.xxh3_64_hexdigest(body.encode()) + "\n").encode())
+
+
+def read_intent(path: Path) -> Intent | None:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        body, check, *_ = raw.decode().split("\n")
+        if xxhash.xxh3_64_hexdigest(body.encode()) != check:
+            raise ValueError("checksum")
+        d = json.loads(body)
+        if d.get("version") != INTENT_VERSION or d.get("op") != "restore":
+            raise ValueError("version")
+        return Intent(
+            int(d["target"]),
+            bytes.fromhex(d["target_root"]),
+            None if d["pre"] is None else int(d["pre"]),
+            str(d["staging"]),
+            float(d["started"]),
+            int(d["pid"]),
+        )
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise StateCorrupt(
+            f"The record of an interrupted restore ({path}) is damaged.",
+            hint="Run 'snapfs recover --discard', then 'snapfs list' and restore the snapshot you want.",
+        ) from exc
+
+
+@dataclass
+class Applied:
+    puts: list[tuple[bytes, CacheEntry]]
+    removed: list[bytes]
+    ops: int
+
+
+def apply_restore(
+    *,
+    root: Path,
+    state_dir: Path,
+    store: ObjectStore,
+    plan: list[Op],
+    intent: Intent,
+    keep: Callable[[bytes], bool],
+    progress: ProgressFn = no_progress,
+) -> Applied:
+    staging = state_dir / "staging" / intent.staging
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    sfd = os.open(staging, DIR_FLAGS)
+    root_fd = os.open(root, DIR_FLAGS)
+    try:
+        staged = _stage(plan, store, sfd, progress)
+        # Staged bytes durable before any rename can expose them under a final name.
+        make_durable([str(staging / n) for n in staged], [str(staging)], sfd)
+        write_intent(state_dir / "intent.json", intent)
+        crash_point("restore.intent_written")
+        result = _apply(plan, root_fd, sfd, keep, progress)
+        # The renames durable before the intent goes away.
+        parents = {os.path.dirname(op.relpath) for op in plan}
+        make_durable([], [os.path.join(bytes(root), p) if p else bytes(root) for p in parents], root_fd)
+        crash_point("restore.applied")
+        return result
+    finally:
+        os.close(root_fd)
+        os.close(sfd)
+
+
+def _stage(plan: list[Op], store: ObjectStore, sfd: int, progress: ProgressFn) -> list[str]:
+    staged: list[str] = []
+    total = sum(1 for op in plan if op.action in ("put", "link"))
+    done = 0
+    for i, op in enumerate(plan):
+        name = str(i).encode()
+        try:
+            if op.action == "put":
+                store.materialize(op.oid, sfd, name, op.mode)
+            elif op.action == "link":
+                os.symlink(op.target, name, dir_fd=sfd)
+            else:
+                continue
+            if op.action == "put":
+                staged.append(name.decode())
+        except (ObjectMissing, ObjectCorrupt) as exc:
+            p = os.fsdecode(op.relpath)
+            raise type(exc)(
+                f"Cannot restore {p}: {exc.message[0].lower()}{exc.message[1:]}"
+                " Nothing was changed.",
+                oid=exc.oid,
+                paths=(p,),
+            ) from exc
+        except OSError as exc:
+            raise from_oserror(exc, "Preparing the restore", os.fsdecode(op.relpath)) from exc
+        done += 1
+        if done % 256 == 0:
+            progress(Progress("stage", done, total, os.fsdecode(op.relpath)))
+    return staged
+
+
+def _apply(
+    plan: list[Op], root_fd: int, sfd: int, keep: Callable[[bytes], bool], progress: ProgressFn
+) -> Applied:
+    out = Applied([], [], len(plan))
+    start_ns = time.time_ns()
+    for i, op in enumerate(plan):
+        try:
+            _apply_one(i, op, root_fd, sfd, keep, out, start_ns)
+        except OSError as exc:
+            raise from_oserror(exc, "Restoring", os.fsdecode(op.relpath)) from exc
+        crash_point("restore.after_op")
+        if i % 256 == 0:
+            progress(Progress("apply", i, len(plan), os.fsdecode(op.relpath)))
+    progress(Progress("apply", len(plan), len(plan)))
+    return out
+
+
+def _apply_one(
+    i: int,
+    op: Op,
+    root_fd: int,
+    sfd: int,
+    keep: Callable[[bytes], bool],
+    out: Applied,
+    start_ns: int,
+) -> None:
+    with open_parent(root_fd, op.relpath, create=op.action != "remove") as (pfd, name):
+        if op.action == "remove":
+            remove_entry(pfd, name, keep, op.relpath)
+            out.removed.append(op.relpath)
+        elif op.action == "mkdir":
+            try:
+                st = os.lstat(name, dir_fd=pfd)
+                if not stat.S_ISDIR(st.st_mode):
+                    remove_entry(pfd, name)
+                    os.mkdir(name, 0o700, dir_fd=pfd)
+            except FileNotFoundError:
+                os.mkdir(name, 0o700, dir_fd=pfd)
+        elif op.action in ("put", "link"):
+            staged = str(i).encode()
+            try:
+                os.rename(staged, name, src_dir_fd=sfd, dst_dir_fd=pfd)
+            except FileNotFoundError:
+                pass  # already landed before a crash; the recovery re-plan will confirm
+            except IsADirectoryError:
+                remove_entry(pfd, name, keep, op.relpath)
+                os.rename(staged, name, src_dir_fd=sfd, dst_dir_fd=pfd)
+            crash_point("restore.after_rename")
+            if op.action == "put":
+                st = os.lstat(name, dir_fd=pfd)
+                out.puts.append(
+                    (
+                        op.relpath,
+                        CacheEntry(
+                            st.st_dev,
+                            st.st_ino,
+                            st.st_size,
+                            st.st_mtime_ns,
+                            st.st_ctime_ns,
+                            op.mode,
+                            op.oid,
+                            _racy(st, start_ns),
+                        ),
+                    )
+                )
+        else:  # chmod a directory, never through a symlink
+            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+            try:
+                os.fchmod(fd, op.mode)
+            finally:
+                os.close(fd)
+
+
+def finish(state_dir: Path, intent: Intent) -> None:
+    try:
+        os.unlink(state_dir / "intent.json")
+    except FileNotFoundError:
+        pass
+    fsync_dir(state_dir)
+    shutil.rmtree(state_dir / "staging" / intent.staging, ignore_errors=True)

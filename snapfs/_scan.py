@@ -1,0 +1,298 @@
+"""Walking a project tree into tree objects, reusing the stat cache so unchanged files aren't read.
+
+The walk goes through directory file descriptors opened with ``O_NOFOLLOW``: a directory swapped
+for a symlink mid-walk is never followed out of the project. Files that need hashing are opened by
+the walker (so the inode hashed is the inode listed) and handed to a small thread pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._errors import ProjectPathError, SnapfsError, from_oserror
+from ._fsops import DIR_FLAGS, READ_FLAGS
+from ._hashing import Oid, hash_fd
+from ._objects import IngestBatch, Ingested
+from ._state import CacheEntry
+from ._tree import Entry, Kind, encode, tree_oid
+
+# Timestamps within this distance of the scan's start may share a clock tick with a write we
+# haven't seen (the "racy clean" problem): such cache entries are re-hashed next time.
+RACY_NS = 20_000_000
+RACY_COARSE_NS = 2_000_000_000  # filesystems with whole-second timestamps
+MAX_OPEN = 128  # files opened by the walker and not yet hashed
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A progress report from a long operation. ``total`` is None when unknown."""
+
+    phase: str
+    done: int
+    total: int | None = None
+    path: str | None = None
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def no_progress(_: Progress) -> None:
+    pass
+
+
+@dataclass
+class ScanResult:
+    root: Oid
+    trees: dict[Oid, bytes]
+    files: int = 0
+    nbytes: int = 0
+    stored: int = 0
+    hashed: int = 0
+    cache_updates: list[tuple[bytes, CacheEntry]] = field(default_factory=list)
+    cache_deletes: list[bytes] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _Pending:
+    """A file whose oid is being computed."""
+
+    __slots__ = ("name", "relpath", "mode", "st", "future")
+
+    def __init__(
+        self, name: bytes, relpath: bytes, mode: int, st: os.stat_result, future: Future[Ingested]
+    ) -> None:
+        self.name = name
+        self.relpath = relpath
+        self.mode = mode
+        self.st = st
+        self.future = future
+
+
+class _Frame:
+    __slots__ = ("fd", "relpath", "subdirs", "i")
+
+    def __init__(self, fd: int, relpath: bytes, subdirs: list[tuple[bytes, int]]) -> None:
+        self.fd = fd
+        self.relpath = relpath
+        self.subdirs = subdirs
+        self.i = 0
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+def _racy(st: os.stat_result, start_ns: int) -> bool:
+    latest = max(st.st_mtime_ns, st.st_ctime_ns)
+    margin = RACY_COARSE_NS if st.st_mtime_ns % 1_000_000_000 == 0 else RACY_NS
+    return latest >= start_ns - margin
+
+
+def scan(
+    root: Path,
+    *,
+    ignore: Callable[[bytes], bool],
+    cache: dict[bytes, CacheEntry],
+    batch: IngestBatch | None,
+    workers: int = 4,
+    progress: ProgressFn = no_progress,
+) -> ScanResult:
+    """Build the tree objects for ``root``. With ``batch`` new content is stored, else only hashed."""
+    try:
+        root_fd = os.open(root, DIR_FLAGS)
+    except NotADirectoryError:
+        raise ProjectPathError(f"{root} is not a directory.") from None
+    except OSError as exc:
+        raise from_oserror(exc, "Reading the project", root) from exc
+    start_ns = time.time_ns()
+    # dir relpath -> its entries (complete Entry, a _Pending file, or a subdir placeholder)
+    listing: dict[bytes, list[Entry | _Pending | tuple[bytes, int]]] = {}
+    postorder: list[bytes] = []
+    pool: ThreadPoolExecutor | None = None
+    gate = threading.BoundedSemaphore(MAX_OPEN)
+    result = ScanResult(root=b"", trees={})
+    seen: set[bytes] = set()
+    counter = 0
+
+    def work(fd: int, st: os.stat_result) -> Ingested:
+        try:
+            if batch is not None:
+                return batch.ingest(fd, st)
+            oid, _ = hash_fd(fd)
+            return Ingested(oid, 0, st, _moved(st, os.fstat(fd)))
+        finally:
+            os.close(fd)
+            gate.release()
+
+    def list_dir(fd: int, rel: bytes) -> list[tuple[bytes, int]]:
+        nonlocal pool, counter
+        items: list[Entry | _Pending | tuple[bytes, int]] = []
+        subdirs: list[tuple[bytes, int]] = []
+        try:
+            it = os.scandir(fd)
+        except OSError as exc:
+            raise from_oserror(exc, "Reading the project", root / os.fsdecode(rel)) from exc
+        with it:
+            for de in it:
+                name = os.fsencode(de.name)
+                relpath = _join(rel, name)
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # vanished between listing and stat: not part of this snapshot
+                m = st.st_mode
+                if stat.S_ISDIR(m):
+                    if ignore(relpath + b"/"):
+                        continue
+                    subdirs.append((name, stat.S_IMODE(m)))
+                    items.append((name, stat.S_IMODE(m)))
+                    continue
+                if ignore(relpath):
+                    continue
+                if stat.S_ISLNK(m):
+                    try:
+                        target = os.readlink(name, dir_fd=fd)
+                    except FileNotFoundError:
+                        continue
+                    items.append(Entry(name, Kind.LINK, stat.S_IMODE(m), 0, b"", target))
+                    continue
+                if not stat.S_ISREG(m):
+                    result.skipped.append((os.fsdecode(relpath), "not a regular file"))
+                    continue
+                counter += 1
+                if counter % 2048 == 0:
+                    progress(Progress("scan", counter, None, os.fsdecode(relpath)))
+                seen.add(relpath)
+                result.files += 1
+                result.nbytes += st.st_size
+                c = cache.get(relpath)
+                if (
+                    c is not None
+                    and not c.racy
+                    and c.ino == st.st_ino
+                    and c.size == st.st_size
+                    and c.mtime_ns == st.st_mtime_ns
+                    and c.ctime_ns == st.st_ctime_ns
+                    and c.dev == st.st_dev
+                ):
+                    items.append(Entry(name, Kind.FILE, c.mode, st.st_size, c.oid))
+                    continue
+                gate.acquire()
+                try:
+                    ffd = os.open(name, READ_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    gate.release()
+                    if exc.errno in (errno.ENOENT, errno.ELOOP):
+                        result.files -= 1
+                        result.nbytes -= st.st_size
+                        seen.discard(relpath)
+                        continue  # vanished or replaced by a symlink: gone for this snapshot
+                    raise from_oserror(exc, "Reading the project", root / os.fsdecode(relpath)) from exc
+                if pool is None:
+                    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapfs-scan")
+                fut = pool.submit(work, ffd, st)
+                items.append(_Pending(name, relpath, stat.S_IMODE(m), st, fut))
+        listing[rel] = items
+        return subdirs
+
+    stack: list[_Frame] = []
+    try:
+        stack.append(_Frame(root_fd, b"", list_dir(root_fd, b"")))
+        while stack:
+            top = stack[-1]
+            if top.i < len(top.subdirs):
+                name, _mode = top.subdirs[top.i]
+                top.i += 1
+                child = _join(top.relpath, name)
+                try:
+                    cfd = os.open(name, DIR_FLAGS, dir_fd=top.fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                        listing[top.relpath] = [
+                            x for x in listing[top.relpath] if not (isinstance(x, tuple) and x[0] == name)
+                        ]
+                        continue  # vanished or swapped for a symlink mid-walk
+                    raise from_oserror(exc, "Reading the project", root / os.fsdecode(child)) from exc
+                stack.append(_Frame(cfd, child, []))
+                try:
+                    stack[-1].subdirs = list_dir(cfd, child)
+                except BaseException:
+                    raise
+                continue
+            os.close(top.fd)
+            stack.pop()
+            postorder.append(top.relpath)
+        result.root = _build_trees(listing, postorder, result, start_ns)
+    except BaseException:
+        for frame in stack:
+            os.close(frame.fd)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            pool = None
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    result.cache_deletes = [p for p in cache if p not in seen]
+    progress(Progress("scan", counter, counter))
+    return result
+
+
+def _moved(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns) != (b.st_size, b.st_mtime_ns, b.st_ctime_ns)
+
+
+def _build_trees(
+    listing: dict[bytes, list[Entry | _Pending | tuple[bytes, int]]],
+    postorder: list[bytes],
+    result: ScanResult,
+    start_ns: int,
+) -> Oid:
+    tree_of: dict[bytes, Oid] = {}
+    for rel in postorder:
+        entries: list[Entry] = []
+        for item in listing[rel]:
+            if isinstance(item, Entry):
+                entries.append(item)
+            elif isinstance(item, tuple):
+                name, mode = item
+                entries.append(Entry(name, Kind.DIR, mode, 0, tree_of[_join(rel, name)]))
+            else:
+                try:
+                    got = item.future.result()
+                except SnapfsError:
+                    raise
+                except OSError as exc:
+                    raise from_oserror(exc, "Snapshotting", os.fsdecode(item.relpath)) from exc
+                result.hashed += 1
+                result.stored += got.stored
+                st = got.st
+                entries.append(Entry(item.name, Kind.FILE, item.mode, item.st.st_size, got.oid))
+                result.cache_updates.append(
+                    (
+                        item.relpath,
+                        CacheEntry(
+                            st.st_dev,
+                            st.st_ino,
+                            st.st_size,
+                            st.st_mtime_ns,
+                            st.st_ctime_ns,
+                            item.mode,
+                            got.oid,
+                            got.racy or _racy(st, start_ns),
+                        ),
+                    )
+                )
+        data = encode(entries)
+        oid = tree_oid(data)
+        result.trees[oid] = data
+        tree_of[rel] = oid
+    return tree_of[b""]

@@ -1,0 +1,204 @@
+"""SQLite state of one project: snapshots, trees, the stat cache and a few head pointers.
+
+WAL mode lets readers run while a writer holds the project lock. ``synchronous=FULL`` makes each
+commit durable before it returns, which the restore and snapshot protocols rely on.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._errors import StateCorrupt
+from ._hashing import Oid
+
+SCHEMA_VERSION = 1
+
+PROJECT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL,
+    root BLOB NOT NULL,
+    files INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    new_bytes INTEGER NOT NULL DEFAULT 0,
+    new_objects INTEGER NOT NULL DEFAULT 0,
+    seconds REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS trees (oid BLOB PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS statcache (
+    relpath BLOB PRIMARY KEY,
+    dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
+    mode INTEGER, oid BLOB, racy INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+KINDS = ("manual", "auto", "pre-op", "pre-restore", "post", "pre-import")
+
+
+def connect(path: Path, schema: str) -> sqlite3.Connection:
+    try:
+        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.executescript(schema)
+    except sqlite3.DatabaseError as exc:
+        raise StateCorrupt(
+            f"The snapfs state file {path} is damaged ({exc}).",
+            hint="Run 'snapfs verify'; restore it from a backup if you have one.",
+        ) from exc
+    # isolation_level=None is autocommit; 'with db:' below needs explicit BEGIN for atomicity.
+    db.isolation_level = "DEFERRED"
+    return db
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRow:
+    id: int
+    created: float
+    label: str
+    kind: str
+    root: Oid
+    files: int
+    bytes: int
+    new_bytes: int
+    new_objects: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    mode: int  # the logical mode recorded in trees (sealed files are read-only on disk)
+    oid: Oid
+    racy: bool
+
+
+class ProjectState:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = connect(path, PROJECT_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- meta ---------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self.db:
+            if value is None:
+                self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    @property
+    def head(self) -> int | None:
+        v = self.get_meta("head")
+        return int(v) if v else None
+
+    # ---- snapshots ----------------------------------------------------------------------
+    def add_snapshot(
+        self,
+        *,
+        kind: str,
+        label: str,
+        root: Oid,
+        trees: Iterable[tuple[Oid, bytes]],
+        files: int,
+        nbytes: int,
+        new_bytes: int,
+        new_objects: int,
+        seconds: float,
+        cache_updates: Iterable[tuple[bytes, CacheEntry]],
+        cache_deletes: Iterable[bytes],
+        set_head: bool = True,
+    ) -> int:
+        """Record a snapshot, its new trees and the stat cache changes in one transaction."""
+        with self.db:
+            self.db.executemany("INSERT OR IGNORE INTO trees VALUES (?, ?)", trees)
+            cur = self.db.execute(
+                "INSERT INTO snapshots (created, label, kind, root, files, bytes, new_bytes,"
+                " new_objects, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), label, kind, root, files, nbytes, new_bytes, new_objects, seconds),
+            )
+            sid = int(cur.lastrowid or 0)
+            self._write_cache(cache_updates, cache_deletes)
+            if set_head:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('head', ?)", (str(sid),))
+        return sid
+
+    def _write_cache(
+        self, updates: Iterable[tuple[bytes, CacheEntry]], deletes: Iterable[bytes]
+    ) -> None:
+        self.db.executemany("DELETE FROM statcache WHERE relpath = ?", ((p,) for p in deletes))
+        self.db.executemany(
+            "INSERT OR REPLACE INTO statcache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (p, e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns, e.mode, e.oid, int(e.racy))
+                for p, e in updates
+            ),
+        )
+
+    def update_cache(
+        self, updates: Iterable[tuple[bytes, CacheEntry]], deletes: Iterable[bytes] = ()
+    ) -> None:
+        with self.db:
+            self._write_cache(updates, deletes)
+
+    def snapshots(self) -> list[SnapshotRow]:
+        rows = self.db.execute(
+            "SELECT id, created, label, kind, root, files, bytes, new_bytes, new_objects, seconds"
+            " FROM snapshots ORDER BY id"
+        ).fetchall()
+        return [SnapshotRow(*r) for r in rows]
+
+    def snapshot(self, sid: int) -> SnapshotRow | None:
+        r = self.db.execute(
+            "SELECT id, created, label, kind, root, files, bytes, new_bytes, new_objects, seconds"
+            " FROM snapshots WHERE id = ?",
+            (sid,),
+        ).fetchone()
+        return SnapshotRow(*r) if r else None
+
+    def delete_snapshots(self, ids: Iterable[int]) -> None:
+        with self.db:
+            self.db.executemany("DELETE FROM snapshots WHERE id = ?", ((i,) for i in ids))
+
+    # ---- trees --------------------------------------------------------------------------
+    def tree(self, oid: Oid) -> bytes | None:
+        row = self.db.execute("SELECT data FROM trees WHERE oid = ?", (oid,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def tree_oids(self) -> Iterator[Oid]:
+        for (oid,) in self.db.execute("SELECT oid FROM trees"):
+            yield bytes(oid)
+
+    def delete_trees(self, oids: Iterable[Oid]) -> None:
+        with self.db:
+            self.db.executemany("DELETE FROM trees WHERE oid = ?", ((o,) for o in oids))
+
+    # ---- stat cache ---------------------------------------------------------------------
+    def load_cache(self) -> dict[bytes, CacheEntry]:
+        out: dict[bytes, CacheEntry] = {}
+        for row in self.db.execute("SELECT * FROM statcache"):
+            out[bytes(row[0])] = CacheEntry(
+                row[1], row[2], row[3], row[4], row[5], row[6], bytes(row[7]), bool(row[8])
+            )
+        return out
+
+    def cache_oids(self) -> set[Oid]:
+        return {bytes(r[0]) for r in self.db.execute("SELECT DISTINCT oid FROM statcache")}

@@ -1,0 +1,104 @@
+"""Tree objects: one per directory, content-addressed, forming a Merkle tree.
+
+Binary layout (all integers big-endian)::
+
+    b"SNT1"
+    repeated, sorted by name bytes:
+        kind u8 | mode u16 | size u64 | name_len u16 | name | payload
+    payload: FILE -> oid (16 bytes) of the content
+             DIR  -> oid (16 bytes) of the child tree
+             LINK -> target_len u32 | target bytes
+
+Names are raw bytes, so names that are not valid UTF-8 round-trip unchanged. The tree's oid is the
+XXH3-128 of the encoded bytes, so a change to one file rewrites only the trees on its path.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from ._errors import StateCorrupt
+from ._hashing import OID_LEN, Oid, hash_bytes
+
+MAGIC = b"SNT1"
+_HEAD = struct.Struct(">BHQH")
+_LINKLEN = struct.Struct(">I")
+
+
+class Kind(enum.IntEnum):
+    FILE = 1
+    DIR = 2
+    LINK = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One name in a directory. ``oid`` is the content (FILE) or child tree (DIR)."""
+
+    name: bytes
+    kind: Kind
+    mode: int  # permission bits, st_mode & 0o7777
+    size: int = 0
+    oid: Oid = b""
+    target: bytes = b""  # symlink target
+
+    def same_content(self, other: Entry) -> bool:
+        return (
+            self.kind == other.kind
+            and self.oid == other.oid
+            and self.target == other.target
+        )
+
+
+def encode(entries: list[Entry]) -> bytes:
+    parts = [MAGIC]
+    for e in sorted(entries, key=lambda e: e.name):
+        parts.append(_HEAD.pack(e.kind, e.mode, e.size, len(e.name)))
+        parts.append(e.name)
+        if e.kind == Kind.LINK:
+            parts.append(_LINKLEN.pack(len(e.target)))
+            parts.append(e.target)
+        else:
+            parts.append(e.oid)
+    return b"".join(parts)
+
+
+def tree_oid(data: bytes) -> Oid:
+    return hash_bytes(data)
+
+
+def decode(data: bytes) -> list[Entry]:
+    """Parse an encoded tree. Raises StateCorrupt on anything malformed."""
+    if data[:4] != MAGIC:
+        raise StateCorrupt("A tree object is damaged (bad header).")
+    out: list[Entry] = []
+    pos = 4
+    end = len(data)
+    try:
+        while pos < end:
+            kind, mode, size, nlen = _HEAD.unpack_from(data, pos)
+            pos += _HEAD.size
+            name = data[pos : pos + nlen]
+            pos += nlen
+            k = Kind(kind)
+            if k == Kind.LINK:
+                (tlen,) = _LINKLEN.unpack_from(data, pos)
+                pos += _LINKLEN.size
+                target = data[pos : pos + tlen]
+                pos += tlen
+                if len(target) != tlen:
+                    raise ValueError("short link target")
+                out.append(Entry(name, k, mode, size, b"", target))
+            else:
+                oid = data[pos : pos + OID_LEN]
+                pos += OID_LEN
+                if len(oid) != OID_LEN:
+                    raise ValueError("short oid")
+                out.append(Entry(name, k, mode, size, oid))
+            if not name or b"/" in name or name in (b".", b".."):
+                raise ValueError("bad name")
+    except (struct.error, ValueError) as exc:
+        raise StateCorrupt("A tree object is damaged (truncated or malformed).") from exc
+    return out

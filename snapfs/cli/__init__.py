@@ -1,0 +1,315 @@
+"""The ``snapfs`` command line. Each command parses, makes one library call, and renders.
+
+Exit codes: 0 ok, 1 "found something" (verify problems, diff differences), 2 usage, 3 other
+errors. Errors are one plain-language line on stderr; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+import snapfs
+from snapfs import ExitCode, SnapfsError
+from snapfs._project import Project
+
+from .render import (
+    human_bytes,
+    print_changes,
+    print_plan,
+    print_snapshots,
+    progress_printer,
+)
+
+
+class Ctx:
+    def __init__(self, path: str | None, store: str | None, debug: bool, no_wait: bool) -> None:
+        self.path = path
+        self.store = store
+        self.debug = debug
+        self.no_wait = no_wait
+
+    def open(self) -> Project:
+        overrides: dict[str, Any] = {"lock_wait": False} if self.no_wait else {}
+        project = snapfs.open(
+            self.path or ".", store=self.store, env=dict(os.environ), **overrides
+        )
+        project.on_wait = _say_waiting
+        return project
+
+
+def _say_waiting(owner: str) -> None:
+    click.echo(
+        f"Waiting for another snapfs process to finish ({owner or 'owner unknown'})..."
+        " Use --no-wait to fail instead.",
+        err=True,
+    )
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-C", "path", metavar="PATH", help="Run as if started in PATH (the project).")
+@click.option("--store", metavar="DIR", help="Object store shared by several projects.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--no-wait", is_flag=True, help="Fail at once if another writer holds the project.")
+@click.version_option(snapfs.__version__, prog_name="snapfs")
+@click.pass_context
+def cli(ctx: click.Context, path: str | None, store: str | None, debug: bool, no_wait: bool) -> None:
+    """Crash-safe snapshots and rollback for project folders."""
+    ctx.obj = Ctx(path, store or os.environ.get("SNAPFS_STORE") or None, debug, no_wait)
+
+
+@cli.command()
+@pass_ctx
+def init(c: Ctx) -> None:
+    """Make the folder a snapfs project (creates .snapfs/)."""
+    already = (Path(c.path or ".") / ".snapfs" / "project.db").exists()
+    with snapfs.init(c.path or ".", store=c.store, env=dict(os.environ)) as p:
+        verb = "Already a snapfs project" if already else "Initialized snapfs project"
+        click.echo(f"{verb}: {p.root} (store: {p.store.root})")
+
+
+@cli.command()
+@click.option("-m", "--label", "label", default="", help="A note to recognise it by.")
+@click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON.")
+@pass_ctx
+def snapshot(c: Ctx, label: str, as_json: bool) -> None:
+    """Record the project's current state. Prints the new id."""
+    with c.open() as p:
+        info = p.snapshot(label, progress=progress_printer())
+    if as_json:
+        click.echo(json.dumps(info.to_dict()))
+        return
+    click.echo(info.id)
+    click.echo(
+        f"Snapshot {info.id}: {info.files} files, {human_bytes(info.bytes)};"
+        f" {human_bytes(info.new_bytes)} new in the store ({info.seconds:.2f} s).",
+        err=True,
+    )
+
+
+@cli.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def list_(c: Ctx, as_json: bool) -> None:
+    """List the snapshots, oldest first (* marks HEAD)."""
+    with c.open() as p:
+        snaps, head = p.snapshots(), p.head
+    if as_json:
+        click.echo(json.dumps([s.to_dict() for s in snaps]))
+    else:
+        print_snapshots(snaps, head)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def status(c: Ctx, as_json: bool) -> None:
+    """Show what changed since HEAD (the snapshot last taken or restored)."""
+    with c.open() as p:
+        ch, head = p.status(progress=progress_printer()), p.head
+    if as_json:
+        click.echo(json.dumps(ch.to_dict()))
+    elif not ch:
+        click.echo(f"No changes since snapshot {head}." if head else "No snapshots yet.")
+    else:
+        print_changes(ch)
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def diff(c: Ctx, a: str, b: str | None, as_json: bool) -> None:
+    """Compare snapshot A with snapshot B (default: the working tree). Exit 1 if they differ."""
+    with c.open() as p:
+        ch = p.diff(a, b, progress=progress_printer())
+    if as_json:
+        click.echo(json.dumps(ch.to_dict()))
+    else:
+        print_changes(ch) if ch else click.echo("No differences.")
+    if ch:
+        sys.exit(ExitCode.FOUND)
+
+
+def _confirm_restore(p: Project, ref: str, yes: bool, dry_run: bool) -> bool:
+    if dry_run or not yes and sys.stdin.isatty():
+        preview = p.restore(ref, dry_run=True, progress=progress_printer())
+        if dry_run:
+            print_plan(preview.plan)
+            return False
+        if not preview.plan:
+            return True
+        print_plan(preview.plan, limit=20)
+        click.echo("Your current state is saved first, so this restore can be undone.")
+        if not click.confirm(f"Restore snapshot {preview.target}?", default=False):
+            click.echo("Nothing was changed.")
+            return False
+    return True
+
+
+def _report_restore(res: snapfs.RestoreResult) -> None:
+    if not res.changed:
+        click.echo(f"The project already matches snapshot {res.target}.")
+        return
+    click.echo(f"Restored snapshot {res.target}: {res.changed} changes applied.")
+    if res.pre_restore:
+        click.echo(f"To undo: snapfs restore {res.pre_restore}")
+
+
+@cli.command()
+@click.argument("ref", metavar="ID")
+@click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
+@click.option("--dry-run", "-n", is_flag=True, help="Print the plan and change nothing.")
+@pass_ctx
+def restore(c: Ctx, ref: str, yes: bool, dry_run: bool) -> None:
+    """Make the project exactly equal to snapshot ID (a number, latest, latest~N)."""
+    with c.open() as p:
+        if _confirm_restore(p, ref, yes, dry_run):
+            _report_restore(p.restore(ref, progress=progress_printer()))
+
+
+@cli.command()
+@click.option("--to", "to", metavar="ID", help="Checkpoint to roll back to (default: the latest).")
+@click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
+@click.option("--dry-run", "-n", is_flag=True, help="Print the plan and change nothing.")
+@pass_ctx
+def rollback(c: Ctx, to: str | None, yes: bool, dry_run: bool) -> None:
+    """Restore the latest checkpoint (the newest snapshot that isn't a pre-restore one)."""
+    with c.open() as p:
+        if to is None:
+            rows = [s for s in p.snapshots() if s.kind != "pre-restore"]
+            if not rows:
+                raise snapfs.SnapshotNotFound("There is no checkpoint to roll back to yet.")
+            to = str(rows[-1].id)
+        if _confirm_restore(p, to, yes, dry_run):
+            _report_restore(p.rollback(to, progress=progress_printer()))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def verify(c: Ctx, as_json: bool) -> None:
+    """Re-hash everything the snapshots need. Exit 1 if anything is missing or corrupt."""
+    with c.open() as p:
+        rep = p.verify(progress=progress_printer())
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "ok": rep.ok,
+                    "objects": rep.objects,
+                    "trees": rep.trees,
+                    "problems": [pr.__dict__ for pr in rep.problems],
+                }
+            )
+        )
+    else:
+        for pr in rep.problems:
+            where = "; ".join(pr.paths) if pr.paths else ""
+            click.echo(f"{pr.kind.upper()}: {where + ': ' if where else ''}{pr.message}")
+        verdict = "OK" if rep.ok else f"{len(rep.problems)} problem(s)"
+        click.echo(f"{verdict}: checked {rep.objects} objects and {rep.trees} trees.")
+    if not rep.ok:
+        sys.exit(ExitCode.FOUND)
+
+
+@cli.command()
+@click.option("--keep-last", type=click.IntRange(min=0), help="Keep the N newest snapshots.")
+@click.option("--keep-within", metavar="DURATION", help="Keep snapshots newer than e.g. 7d, 12h.")
+@click.option("--dry-run", "-n", is_flag=True, help="Report what would go; delete nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def gc(c: Ctx, keep_last: int | None, keep_within: str | None, dry_run: bool, as_json: bool) -> None:
+    """Delete snapshots outside the retention policy and unreferenced data."""
+    with c.open() as p:
+        rep = p.gc(keep_last=keep_last, keep_within=keep_within, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(rep.__dict__))
+        return
+    would = "Would delete" if dry_run else "Deleted"
+    snaps = ", ".join(map(str, rep.deleted_snapshots)) or "no"
+    click.echo(
+        f"{would} {snaps} snapshot(s), {rep.objects} object(s), {rep.trees} tree(s);"
+        f" {'would free' if dry_run else 'freed'} {human_bytes(rep.freed_bytes)}."
+    )
+
+
+@cli.command()
+@click.option("--discard", is_flag=True, help="Forget a damaged record of an interrupted restore.")
+@pass_ctx
+def recover(c: Ctx, discard: bool) -> None:
+    """Finish work a crash interrupted (done automatically by the next command too)."""
+    path = c.path or "."
+    with snapfs.open(path, store=c.store, env=dict(os.environ), recover=False) as p:
+        click.echo(p.recover(discard=discard, progress=progress_printer()))
+
+
+@cli.command()
+@click.option("--keep", is_flag=True, help="Keep the demo folder afterwards.")
+def demo(keep: bool) -> None:
+    """Make a sample project, snapshot it, break it, and roll it back."""
+    from snapfs._demo import run_demo
+
+    ok = run_demo(say=click.echo, keep=keep)
+    sys.exit(ExitCode.OK if ok else ExitCode.ERROR)
+
+
+def _terminate(signum: int, _frame: object) -> NoReturn:
+    # Turn SIGTERM/SIGHUP into an exception so cleanup (temp files, locks) runs.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    try:
+        cli.main(args=argv, prog_name="snapfs", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted; nothing was changed.", err=True)
+        sys.exit(ExitCode.ERROR)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(ExitCode.USAGE)
+    except SnapfsError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"snapfs: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("snapfs: interrupted.", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"snapfs: {snapfs_error_from(exc)}", err=True)
+        sys.exit(ExitCode.ERROR)
+    except Exception as exc:  # the last line of defence: one line, never a bare traceback
+        if debug:
+            traceback.print_exc()
+        click.echo(
+            f"snapfs: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+            err=True,
+        )
+        sys.exit(ExitCode.ERROR)
+    sys.exit(ExitCode.OK)
+
+
+def snapfs_error_from(exc: OSError) -> SnapfsError:
+    from snapfs._errors import from_oserror
+
+    return from_oserror(exc, "The command")
+
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,83 @@
+"""Rendering for the CLI: tables, change lists, plans and a progress line on terminals."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+
+import click
+
+from snapfs import Changes, Progress, SnapshotInfo
+from snapfs._restore import Op
+from snapfs._scan import ProgressFn, no_progress
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def print_snapshots(snaps: Sequence[SnapshotInfo], head: int | None) -> None:
+    if not snaps:
+        click.echo("No snapshots yet. Take one with 'snapfs snapshot'.")
+        return
+    click.echo(f"  {'ID':>4}  {'CREATED':19}  {'KIND':11}  {'FILES':>7}  {'SIZE':>10}  {'NEW':>10}  LABEL")
+    for s in snaps:
+        mark = "*" if s.id == head else " "
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created))
+        click.echo(
+            f"{mark} {s.id:>4}  {created}  {s.kind:11}  {s.files:>7}  {human_bytes(s.bytes):>10}"
+            f"  {human_bytes(s.new_bytes):>10}  {s.label}"
+        )
+
+
+def print_changes(ch: Changes) -> None:
+    rows = [("A", p) for p in ch.added] + [("M", p) for p in ch.modified]
+    rows += [("D", p) for p in ch.deleted]
+    for mark, path in sorted(rows, key=lambda r: r[1]):
+        click.echo(f"{mark} {path!s}".encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    click.echo(f"{len(ch.added)} added, {len(ch.modified)} modified, {len(ch.deleted)} deleted.")
+
+
+def print_plan(plan: Sequence[Op], limit: int | None = None) -> None:
+    if not plan:
+        click.echo("Nothing to change: the project already matches.")
+        return
+    shown = plan if limit is None else plan[:limit]
+    for op in shown:
+        click.echo("  " + op.describe().encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    if len(shown) < len(plan):
+        click.echo(f"  ... and {len(plan) - len(shown)} more")
+    counts: dict[str, int] = {}
+    for op in plan:
+        counts[op.action] = counts.get(op.action, 0) + 1
+    summary = ", ".join(f"{n} {a}" for a, n in sorted(counts.items()))
+    click.echo(f"Plan: {len(plan)} changes ({summary}).")
+
+
+class _Printer:
+    """A one-line progress display on stderr, only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self, p: Progress) -> None:
+        now = time.monotonic()
+        done = p.total is not None and p.done >= p.total
+        if not done and now - self.last < 0.2:
+            return
+        self.last = now
+        total = f"/{p.total}" if p.total is not None else ""
+        sys.stderr.write(f"\r\x1b[K{p.phase}: {p.done}{total}")
+        if done:
+            sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
+
+
+def progress_printer() -> ProgressFn:
+    return _Printer() if sys.stderr.isatty() else no_progress
