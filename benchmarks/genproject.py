@@ -55,13 +55,17 @@ EMPTY_DIRS = [
 # Top-level dirs owned by the tools under test; never touched by the change.
 TOOL_DIRS = frozenset({".snapfs", ".git"})
 
-WORDS = (
-    "import def class return self node input output tensor image latent model sampler "
-    "scheduler steps cfg seed width height batch clip vae lora strength denoise mask "
-    "prompt negative positive conditioning upscale torch numpy json path config value "
-    "if else for in while try except with as from None True False lambda yield async "
-    "await widget type required optional category function display name utils"
-).split()
+# fmt: off
+WORDS = [
+    "import", "def", "class", "return", "self", "node", "input", "output", "tensor", "image",
+    "latent", "model", "sampler", "scheduler", "steps", "cfg", "seed", "width", "height",
+    "batch", "clip", "vae", "lora", "strength", "denoise", "mask", "prompt", "negative",
+    "positive", "conditioning", "upscale", "torch", "numpy", "json", "path", "config", "value",
+    "if", "else", "for", "in", "while", "try", "except", "with", "as", "from", "None", "True",
+    "False", "lambda", "yield", "async", "await", "widget", "type", "required", "optional",
+    "category", "function", "display", "name", "utils",
+]
+# fmt: on
 
 
 @dataclass
@@ -158,14 +162,31 @@ def _write_model(path: Path, size: int, seed: str) -> None:
 # tree layout
 
 
-_PLUGIN_DIRS = ["", "nodes", "nodes/utils", "js", "web/js", "web/css", "examples", "assets", "docs", "tests"]
+_PLUGIN_DIRS = [
+    "",
+    "nodes",
+    "nodes/utils",
+    "js",
+    "web/js",
+    "web/css",
+    "examples",
+    "assets",
+    "docs",
+    "tests",
+]
 _PKG_DIRS = ["", "core", "utils", "_vendor", "ops", "data", "__pycache__", "core/__pycache__"]
 
 
 def _plugin_file(rng: random.Random, base: str, i: int) -> tuple[str, bool]:
     """Return (relative path, is_binary) for the i-th file of a plugin."""
-    fixed = ["README.md", "LICENSE", "requirements.txt", "__init__.py", "pyproject.toml",
-             ".github/workflows/publish.yml"]
+    fixed = [
+        "README.md",
+        "LICENSE",
+        "requirements.txt",
+        "__init__.py",
+        "pyproject.toml",
+        ".github/workflows/publish.yml",
+    ]
     if i < len(fixed):
         return f"{base}/{fixed[i]}", False
     sub = rng.choice(_PLUGIN_DIRS)
@@ -188,9 +209,13 @@ def _pkg_file(rng: random.Random, base: str, pkg: str, i: int) -> tuple[str, boo
     if sub.endswith("__pycache__"):
         return f"{base}/{pkg}/{sub}/{rng.choice(WORDS)}_{i}.cpython-311.pyc", True, 0o644
     if rng.random() < 0.05:  # compiled extension modules are executable
-        return f"{base}/{pkg}/{sub}/_{rng.choice(WORDS)}_{i}.cpython-311-x86_64-linux-gnu.so".replace(
-            "//", "/"
-        ), True, 0o755
+        return (
+            f"{base}/{pkg}/{sub}/_{rng.choice(WORDS)}_{i}.cpython-311-x86_64-linux-gnu.so".replace(
+                "//", "/"
+            ),
+            True,
+            0o755,
+        )
     return f"{base}/{pkg}/{sub}/{rng.choice(WORDS)}_{i}.py".replace("//", "/"), False, 0o644
 
 
@@ -241,7 +266,9 @@ def _venv_bin(root: Path) -> None:
 
 def _user_files(root: Path) -> None:
     _write(root / "main.py", b"import comfy\nprint('ComfyUI')\n", 0o755)
-    _write(root / "user/default/comfy.settings.json", json.dumps({"Comfy.UseNewMenu": "Top"}).encode())
+    _write(
+        root / "user/default/comfy.settings.json", json.dumps({"Comfy.UseNewMenu": "Top"}).encode()
+    )
     _write(root / "extra_model_paths.yaml", b"comfyui:\n  base_path: ./\n")
     os.symlink("../models/checkpoints", root / "user/checkpoints_link")
     os.symlink("does/not/exist", root / "user/dangling_link")
@@ -310,7 +337,9 @@ def apply_change(root: Path, scale: float = 1.0, seed: int = 1) -> ChangeSummary
     """Simulate installing a plugin + package and a model: add, modify, delete. Deterministic."""
     rng = random.Random(seed)
     # Only small files are edited/deleted: the big models are "installed", never patched.
-    candidates = [f for f in list_files(root) if not f.startswith("models/") and (root / f).stat().st_size > 0]
+    candidates = [
+        f for f in list_files(root) if not f.startswith("models/") and (root / f).stat().st_size > 0
+    ]
     n_changed = max(10, round(50 * scale))
     n_deleted = max(10, round(100 * scale))
     picked = rng.sample(candidates, n_changed + n_deleted)
@@ -327,7 +356,9 @@ def apply_change(root: Path, scale: float = 1.0, seed: int = 1) -> ChangeSummary
         summary.deleted.append(rel)
     pool = _text_pool(seed)
     summary.added = _small_tree(root, rng, pool, max(20, round(2000 * scale)), tag="New")
-    _write_model(root / CHANGE_MODEL, max(1, round(CHANGE_MODEL_MIB * MIB * scale)), f"{seed}:change-model")
+    _write_model(
+        root / CHANGE_MODEL, max(1, round(CHANGE_MODEL_MIB * MIB * scale)), f"{seed}:change-model"
+    )
     summary.added.append(CHANGE_MODEL)
     summary.added.sort()
     summary.deleted.sort()
@@ -335,11 +366,15 @@ def apply_change(root: Path, scale: float = 1.0, seed: int = 1) -> ChangeSummary
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("dir", type=Path)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--change", action="store_true", help="apply the import-like change to an existing DIR")
+    ap.add_argument(
+        "--change", action="store_true", help="apply the import-like change to an existing DIR"
+    )
     args = ap.parse_args()
     if args.change:
         print(json.dumps(apply_change(args.dir, args.scale).counts()))

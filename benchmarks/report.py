@@ -64,9 +64,15 @@ def medians_table(agg: dict[str, dict[str, Any]]) -> str:
     lines = _header(tools)
     for key, label in TIME_METRICS:
         lines.append(_row(label, [_fmt_s(agg[t]["times"][key]) for t in tools]))
-    lines.append(_row("store extra disk (MB)", [
-        "n/a" if agg[t]["store_bytes"] is None else f"{agg[t]['store_bytes'] / MB:.1f}" for t in tools
-    ]))
+    lines.append(
+        _row(
+            "store extra disk (MB)",
+            [
+                "n/a" if agg[t]["store_bytes"] is None else f"{agg[t]['store_bytes'] / MB:.1f}"
+                for t in tools
+            ],
+        )
+    )
     lines.append(_row("restore exact?", [agg[t]["exact"] for t in tools]))
     lines.append(_row("1st snapshot leaked edits", [agg[t]["leaked"] for t in tools]))
     lines.append(_row("status check", [agg[t]["status_check"] for t in tools]))
@@ -82,7 +88,9 @@ def ratio_table(agg: dict[str, dict[str, Any]], base: str = "snapfs") -> str:
     lines = _header(peers)
     for key, label in TIME_METRICS:
         b = agg[base]["times"][key]
-        lines.append(_row(label.replace(" (s)", ""), [_fmt_ratio(agg[p]["times"][key], b) for p in peers]))
+        lines.append(
+            _row(label.replace(" (s)", ""), [_fmt_ratio(agg[p]["times"][key], b) for p in peers])
+        )
     b = agg[base]["store_bytes"]
     lines.append(_row("store extra disk", [_fmt_ratio(agg[p]["store_bytes"], b) for p in peers]))
     return "\n".join(lines)
@@ -91,23 +99,31 @@ def ratio_table(agg: dict[str, dict[str, Any]], base: str = "snapfs") -> str:
 def floors_table(floors: dict[str, Any]) -> str:
     walk, hsh = floors["walk"], floors["hash"]
     gbps = walk["bytes"] / hsh["seconds"] / 1e9 if hsh["seconds"] else 0.0
-    return "\n".join([
-        "| floor | median s | note |",
-        "|---|---|---|",
-        f"| scandir+lstat walk | {_fmt_s(walk['seconds'])} | {walk['entries']} entries |",
-        f"| read + xxh3_128 all bytes | {_fmt_s(hsh['seconds'])} | {walk['bytes'] / MB:.0f} MB, {gbps:.2f} GB/s |",
-    ])
+    return "\n".join(
+        [
+            "| floor | median s | note |",
+            "|---|---|---|",
+            f"| scandir+lstat walk | {_fmt_s(walk['seconds'])} | {walk['entries']} entries |",
+            f"| read + xxh3_128 all bytes | {_fmt_s(hsh['seconds'])} | {walk['bytes'] / MB:.0f} MB, {gbps:.2f} GB/s |",
+        ]
+    )
 
 
-def fs_report(fs: str, info: dict[str, Any], agg: dict[str, dict[str, Any]], floors: dict[str, Any]) -> str:
-    return "\n\n".join([
-        f"## {fs}  (scale {info['scale']}, repeat {info['repeat']}, {info['files']} files, "
-        f"{info['bytes'] / MB:.0f} MB; warm page cache: each tool's copy is read once, untimed, "
-        "before timing; caches are never dropped)",
-        "### median times",
-        medians_table(agg),
-        "### ratios peer / snapfs (>1 means snapfs is faster/smaller)",
-        ratio_table(agg),
-        "### floors",
-        floors_table(floors),
-    ])
+def fs_report(
+    fs: str, info: dict[str, Any], agg: dict[str, dict[str, Any]], floors: dict[str, Any]
+) -> str:
+    return "\n\n".join(
+        [
+            (
+                f"## {fs}  (scale {info['scale']}, repeat {info['repeat']}, {info['files']} files, "
+                f"{info['bytes'] / MB:.0f} MB; warm page cache: each tool's copy is read once, untimed, "
+                "before timing; caches are never dropped)"
+            ),
+            "### median times",
+            medians_table(agg),
+            "### ratios peer / snapfs (>1 means snapfs is faster/smaller)",
+            ratio_table(agg),
+            "### floors",
+            floors_table(floors),
+        ]
+    )

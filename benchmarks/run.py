@@ -29,8 +29,8 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import genproject, report, treecheck  # noqa: E402
-from benchmarks.tools import ALL_TOOLS, CmdError, Tool, Unsupported, run  # noqa: E402
+from benchmarks import genproject, report, treecheck
+from benchmarks.tools import ALL_TOOLS, CmdError, Tool, Unsupported, run
 
 FS_KINDS = ["main", "ext4-loop", "xfs-loop"]
 DEFAULT_PEERS = ["git", "restic", "borg", "rsync", "cp-al", "cp-reflink"]
@@ -60,7 +60,9 @@ def filesystem(kind: str, workdir: Path, scale: float) -> Iterator[Path]:
     img, mnt = workdir / f"{kind}.img", workdir / f"mnt-{kind}"
     # Room for pristine + work copy + change + the largest store + a restore dir.
     size = int((1.5 + 12 * scale) * (1 << 30))
-    mkfs = ["mkfs.xfs", "-q", "-m", "reflink=1"] if kind == "xfs-loop" else ["mkfs.ext4", "-q", "-F"]
+    mkfs = (
+        ["mkfs.xfs", "-q", "-m", "reflink=1"] if kind == "xfs-loop" else ["mkfs.ext4", "-q", "-F"]
+    )
     mounted = False
     mnt.mkdir()
     try:
@@ -80,10 +82,10 @@ def filesystem(kind: str, workdir: Path, scale: float) -> Iterator[Path]:
 
 def _unmount(mnt: Path) -> None:
     for _ in range(5):
-        if subprocess.run(["umount", str(mnt)]).returncode == 0:
+        if subprocess.run(["umount", str(mnt)], check=False).returncode == 0:
             return
         time.sleep(1)  # e.g. a straggling child still has a file open
-    subprocess.run(["umount", "-l", str(mnt)])
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # ---------------------------------------------------------------------------
@@ -113,28 +115,56 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def run_floors(root: Path, repeat: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mode in ("walk", "hash"):
-        samples = [json.loads(run([sys.executable, str(FLOORS_SCRIPT), mode, str(root)])) for _ in range(repeat)]
-        out[mode] = {**samples[0], "seconds": statistics.median(s["seconds"] for s in samples),
-                     "raw": [s["seconds"] for s in samples]}
+        samples = [
+            json.loads(run([sys.executable, str(FLOORS_SCRIPT), mode, str(root)]))
+            for _ in range(repeat)
+        ]
+        out[mode] = {
+            **samples[0],
+            "seconds": statistics.median(s["seconds"] for s in samples),
+            "raw": [s["seconds"] for s in samples],
+        }
     return out
 
 
-def status_check(status: Any, expected: dict[str, int]) -> str:
-    """Compare snapfs's status JSON to what we know changed (files only)."""
+def _paths(entries: Any) -> set[str]:
+    """Status entries may be plain paths or objects with a "path" key."""
+    out: set[str] = set()
+    for e in entries or []:
+        out.add(str(e.get("path")) if isinstance(e, dict) else str(e))
+    return out
+
+
+def status_check(status: Any, expected: dict[str, list[str]]) -> str:
+    """Compare snapfs's status JSON with the files we know were added/modified/deleted."""
     if not isinstance(status, dict):
-        return "n/a"
-    got = {k: len(status.get(k, [])) for k in expected}
-    return "ok" if got == expected else f"MISMATCH got {got} expected {expected}"
+        return f"MISMATCH: not a JSON object: {str(status)[:80]}"
+    problems: list[str] = []
+    for kind, want in expected.items():
+        got = _paths(status.get(kind))
+        extra, missing = sorted(got - set(want)), sorted(set(want) - got)
+        if extra or missing:
+            example = (extra or missing)[0]
+            problems.append(f"{kind}: {len(extra)} extra, {len(missing)} missing (e.g. {example})")
+    return "ok" if not problems else "MISMATCH " + "; ".join(problems)
 
 
 # ---------------------------------------------------------------------------
 # one tool, one repeat
 
 
-def run_tool_once(tool: Tool, pristine: Path, expected: treecheck.Manifest, scale: float) -> dict[str, Any]:
+def run_tool_once(
+    tool: Tool, pristine: Path, expected: treecheck.Manifest, scale: float
+) -> dict[str, Any]:
     """Copy the pristine project, then walk the tool through the whole scenario."""
-    res: dict[str, Any] = {"times": {}, "store_bytes": None, "exact": None, "leaked": None,
-                           "status_check": None, "error": None}
+    res: dict[str, Any] = {
+        "times": {},
+        "store_bytes": None,
+        "exact": None,
+        "leaked": None,
+        "status_check": None,
+        "error": None,
+    }
     times = res["times"]
     run(["cp", "-a", str(pristine), str(tool.project)])
     warm_read(tool.project)
@@ -156,8 +186,11 @@ def run_tool_once(tool: Tool, pristine: Path, expected: treecheck.Manifest, scal
         change = genproject.apply_change(tool.project, scale)
         dirty = step("status_dirty", tool.status)
         if tool.name == "snapfs":
-            zero = {"added": 0, "modified": 0, "deleted": 0}
-            res["status_check"] = f"clean: {status_check(clean, zero)}; dirty: {status_check(dirty, change.counts())}"
+            none: dict[str, list[str]] = {"added": [], "modified": [], "deleted": []}
+            expect = {"added": change.added, "modified": change.modified, "deleted": change.deleted}
+            res["status_check"] = (
+                f"clean: {status_check(clean, none)}; dirty: {status_check(dirty, expect)}"
+            )
         step("snapshot_change", lambda: tool.snapshot("change"))
         res["store_bytes"] = _optional(tool.store_bytes)
         first_dir = tool.first_snapshot_dir()
@@ -209,8 +242,12 @@ def bench_fs(fs: str, base: Path, args: argparse.Namespace) -> dict[str, Any]:
     warm_read(pristine)
     expected = treecheck.manifest(pristine)
     floors = run_floors(pristine, args.repeat)
-    info = {"scale": args.scale, "repeat": args.repeat, "files": floors["walk"]["entries"],
-            "bytes": floors["walk"]["bytes"]}
+    info = {
+        "scale": args.scale,
+        "repeat": args.repeat,
+        "files": floors["walk"]["entries"],
+        "bytes": floors["walk"]["bytes"],
+    }
     tools = select_tools(args.peers, fs)
     runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in tools}
     # Repeats outer, tools inner: slow drift (thermal, writeback) spreads over all tools evenly.
@@ -232,17 +269,32 @@ def bench_fs(fs: str, base: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", type=float, default=1.0, help="project size factor (0.05 = smoke test)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--scale", type=float, default=1.0, help="project size factor (0.05 = smoke test)"
+    )
     ap.add_argument("--repeat", type=int, default=3, help="repeats per tool; medians are reported")
     ap.add_argument("--fs", choices=[*FS_KINDS, "all"], default="main")
-    ap.add_argument("--peers", default=",".join(DEFAULT_PEERS),
-                    help=f"comma list from {DEFAULT_PEERS} (aliases: cp, reflink); 'none' for snapfs only")
+    ap.add_argument(
+        "--peers",
+        default=",".join(DEFAULT_PEERS),
+        help=f"comma list from {DEFAULT_PEERS} (aliases: cp, reflink); 'none' for snapfs only",
+    )
     ap.add_argument("--out", type=Path, default=Path("results.json"))
-    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
-                    help="big temp data goes into a fresh subdirectory of this")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="big temp data goes into a fresh subdirectory of this",
+    )
     args = ap.parse_args(argv)
-    names = [] if args.peers == "none" else [PEER_ALIASES.get(p.strip(), p.strip()) for p in args.peers.split(",")]
+    names = (
+        []
+        if args.peers == "none"
+        else [PEER_ALIASES.get(p.strip(), p.strip()) for p in args.peers.split(",")]
+    )
     unknown = [p for p in names if p not in ALL_TOOLS or p == "snapfs"]
     if unknown:
         ap.error(f"unknown peers {unknown}; choose from {DEFAULT_PEERS}")

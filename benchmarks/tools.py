@@ -18,7 +18,7 @@ import subprocess
 import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ class CmdError(RuntimeError):
 def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     """Run a command, return stdout; raise CmdError on failure."""
     full_env = {**os.environ, **(env or {})}
-    p = subprocess.run(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise CmdError(cmd, p.returncode, p.stderr or p.stdout)
     return p.stdout
@@ -102,7 +102,9 @@ def _which_reason(binary: str) -> str | None:
 class Snapfs(Tool):
     name = "snapfs"
     # The working tree importable as `snapfs` even if not pip-installed.
-    ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    ENV: ClassVar[dict[str, str]] = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    }
 
     def __init__(self, area: Path) -> None:
         super().__init__(area)
@@ -127,7 +129,7 @@ class Snapfs(Tool):
         if self.first_id is None:
             self.first_id = out["id"]
 
-    def status(self) -> dict[str, list[str]]:
+    def status(self) -> Any:
         return json.loads(self._cli("status", "--json"))
 
     def restore_first(self) -> Path:
@@ -142,7 +144,7 @@ class Snapfs(Tool):
 class Git(Tool):
     name = "git"
     # gc.auto=0: a background `gc --auto` after the 20k-object commit would pollute later timings.
-    ENV = {
+    ENV: ClassVar[dict[str, str]] = {
         "GIT_CONFIG_NOSYSTEM": "1",
         "GIT_CONFIG_GLOBAL": "/dev/null",
         "GIT_CONFIG_COUNT": "4",
@@ -210,7 +212,19 @@ class Restic(Tool):
     def snapshot(self, label: str) -> None:
         # Back up "." from inside the project so snapshot paths are project-relative.
         out = run(
-            ["restic", "backup", "-q", "--json", "--compression", "off", "--host", "bench", "--tag", label, "."],
+            [
+                "restic",
+                "backup",
+                "-q",
+                "--json",
+                "--compression",
+                "off",
+                "--host",
+                "bench",
+                "--tag",
+                label,
+                ".",
+            ],
             cwd=self.project,
             env=self.env,
         )
@@ -249,7 +263,11 @@ class Borg(Tool):
 
     def snapshot(self, label: str) -> None:
         self.n += 1
-        run(["borg", "create", "--compression", "none", f"{self.repo}::s{self.n}", "."], cwd=self.project, env=self.env)
+        run(
+            ["borg", "create", "--compression", "none", f"{self.repo}::s{self.n}", "."],
+            cwd=self.project,
+            env=self.env,
+        )
 
     def restore_first(self) -> Path:
         target = self.area / "restore"
@@ -275,7 +293,9 @@ class _TreeSnapshots(Tool):
 
     def status(self) -> str:
         # Dry-run rsync against the latest snapshot is the closest thing to "status" these have.
-        return run(["rsync", "-a", "-n", "-i", "--delete", f"{self.project}/", f"{self.snaps[-1]}/"])
+        return run(
+            ["rsync", "-a", "-n", "-i", "--delete", f"{self.project}/", f"{self.snaps[-1]}/"]
+        )
 
     def restore_first(self) -> Path:
         run(["rsync", "-a", "--delete", f"{self.snaps[0]}/", f"{self.project}/"])

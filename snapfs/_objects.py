@@ -159,19 +159,36 @@ class ObjectStore:
         return Seal(*row) if row else None
 
     def check_seal(self, oid: Oid, path: Path) -> None:
-        """Raise SealBroken if a hardlinked object's inode changed since it was sealed."""
+        """Raise SealBroken if a hardlinked object was written in place since it was sealed.
+
+        A write always moves mtime or size. ctime alone also moves when a link is added or
+        removed (the user deleting their copy), so a ctime-only change is settled by re-hashing,
+        and the seal is refreshed if the content is still intact.
+        """
         seal = self.seal_of(oid)
         if seal is None:
             return
-        st = os.lstat(path)
-        now = Seal.of(st)
-        if (now.ino, now.size, now.mtime_ns) != (seal.ino, seal.size, seal.mtime_ns) or (
-            now.ctime_ns != seal.ctime_ns
-        ):
-            raise SealBroken(
-                f"Stored file {oid.hex()} was modified in place after it was snapshotted.",
-                oid=oid.hex(),
+        now = Seal.of(os.lstat(path))
+        if (now.ino, now.size, now.mtime_ns) != (seal.ino, seal.size, seal.mtime_ns):
+            raise self._broken(oid)
+        if now.ctime_ns != seal.ctime_ns:
+            if self._hash_object(path, False) != oid:
+                raise self._broken(oid)
+            self.reseal(oid, now)
+
+    def reseal(self, oid: Oid, seal: Seal) -> None:
+        with self.db:
+            self.db.execute(
+                "UPDATE seals SET ctime_ns = ? WHERE oid = ? AND ino = ?",
+                (seal.ctime_ns, oid, seal.ino),
             )
+
+    @staticmethod
+    def _broken(oid: Oid) -> SealBroken:
+        return SealBroken(
+            f"Stored file {oid.hex()} was modified in place after it was snapshotted.",
+            oid=oid.hex(),
+        )
 
     # ---- writing ------------------------------------------------------------------------
     def batch(self) -> IngestBatch:
@@ -254,12 +271,15 @@ class ObjectStore:
             self.check_seal(oid, path)
             if verify and self._hash_object(path, False) != oid:
                 raise ObjectCorrupt(f"Stored object {oid.hex()} is corrupt.", oid=oid.hex())
-            try:
-                os.link(path, name, dst_dir_fd=dir_fd)
-                return True
-            except OSError as exc:
-                if exc.errno not in NOT_SUPPORTED:
-                    raise
+            if stat.S_IMODE(os.lstat(path).st_mode) == mode & ~0o222:
+                try:
+                    os.link(path, name, dst_dir_fd=dir_fd)
+                    # Adding a link moves ctime; that is us, not a write.
+                    self.reseal(oid, Seal.of(os.lstat(path)))
+                    return True
+                except OSError as exc:
+                    if exc.errno not in NOT_SUPPORTED:
+                        raise
         src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         try:
@@ -350,19 +370,27 @@ class IngestBatch:
         return c
 
     # -- ingest
-    def ingest(self, fd: int, st: os.stat_result) -> Ingested:
-        """Add the open regular file ``fd`` (whose lstat was ``st``) to the store."""
+    def may_hardlink(self, st: os.stat_result) -> bool:
         mode = self.config.link_mode
-        size = st.st_size
+        return self.store._hardlink_ok is not False and (
+            mode == LinkMode.HARDLINK
+            or (mode == LinkMode.AUTO and st.st_size >= self.config.hardlink_threshold)
+        )
+
+    def ingest(
+        self, fd: int, st: os.stat_result, link_src: tuple[int, bytes] | None = None
+    ) -> Ingested:
+        """Add the open regular file ``fd`` (whose lstat was ``st``) to the store.
+
+        ``link_src`` is (directory fd, name) of the file, needed to hardlink it.
+        """
+        mode = self.config.link_mode
         if mode in (LinkMode.AUTO, LinkMode.REFLINK) and self.store._reflink_ok is not False:
             got = self._try_reflink(fd, st, forced=mode == LinkMode.REFLINK)
             if got is not None:
                 return got
-        if (
-            mode == LinkMode.HARDLINK
-            or (mode == LinkMode.AUTO and size >= self.config.hardlink_threshold)
-        ) and self.store._hardlink_ok is not False:
-            got = self._try_hardlink(fd, st, forced=mode == LinkMode.HARDLINK)
+        if link_src is not None and self.may_hardlink(st):
+            got = self._try_hardlink(fd, st, link_src, forced=mode == LinkMode.HARDLINK)
             if got is not None:
                 return got
         return self._copy(fd, st)
@@ -394,7 +422,9 @@ class IngestBatch:
             self._add(oid, tmp, False, None)
         return Ingested(oid, 0, st, _changed(st, after))
 
-    def _try_hardlink(self, fd: int, st: os.stat_result, forced: bool) -> Ingested | None:
+    def _try_hardlink(
+        self, fd: int, st: os.stat_result, link_src: tuple[int, bytes], forced: bool
+    ) -> Ingested | None:
         for _attempt in range(3):
             before = os.fstat(fd)
             os.lseek(fd, 0, os.SEEK_SET)
@@ -405,13 +435,18 @@ class IngestBatch:
                 return Ingested(oid, 0, os.fstat(fd), False)
             tmp = self._tmpname()
             try:
-                # Link the very inode we hashed, not whatever the name points to now.
-                os.link(f"/proc/self/fd/{fd}", tmp, follow_symlinks=True)
+                os.link(link_src[1], tmp, src_dir_fd=link_src[0], follow_symlinks=False)
+            except FileNotFoundError:
+                return None  # renamed away meanwhile: copy what we have open
             except OSError as exc:
-                if exc.errno not in NOT_SUPPORTED and exc.errno != errno.ENOENT or forced:
+                if exc.errno not in NOT_SUPPORTED or forced:
                     raise
-                self.store._hardlink_ok = exc.errno == errno.EMLINK  # EMLINK is per inode
+                if exc.errno != errno.EMLINK:  # EMLINK is about this inode, not the filesystem
+                    self.store._hardlink_ok = False
                 return None
+            if os.lstat(tmp).st_ino != before.st_ino:
+                os.unlink(tmp)  # the name now points at another file: link only what we hashed
+                continue
             # Seal: no write bits, so an accidental in-place write fails (for non-root users), and
             # the recorded size/mtime/ctime catch any write that still gets through.
             os.fchmod(fd, stat.S_IMODE(before.st_mode) & ~0o222)

@@ -20,6 +20,7 @@ from pathlib import Path
 from ._errors import ProjectPathError, SnapfsError, from_oserror
 from ._fsops import DIR_FLAGS, READ_FLAGS
 from ._hashing import Oid, hash_fd
+from ._ignore import STATE_DIR
 from ._objects import IngestBatch, Ingested
 from ._state import CacheEntry
 from ._tree import Entry, Kind, encode, tree_oid
@@ -64,16 +65,35 @@ class ScanResult:
 class _Pending:
     """A file whose oid is being computed."""
 
-    __slots__ = ("name", "relpath", "mode", "st", "future")
+    __slots__ = ("name", "relpath", "mode", "st", "future", "cached")
 
     def __init__(
-        self, name: bytes, relpath: bytes, mode: int, st: os.stat_result, future: Future[Ingested]
+        self,
+        name: bytes,
+        relpath: bytes,
+        mode: int,
+        st: os.stat_result,
+        future: Future[Ingested],
+        cached: CacheEntry | None,
     ) -> None:
         self.name = name
         self.relpath = relpath
         self.mode = mode
         self.st = st
         self.future = future
+        self.cached = cached
+
+    def logical_mode(self, got: Ingested) -> int:
+        """The mode to record. A sealed hardlink is read-only on disk but keeps its own mode."""
+        c = self.cached
+        if (
+            c is not None
+            and c.ino == got.st.st_ino
+            and c.oid == got.oid
+            and self.mode == c.mode & ~0o222
+        ):
+            return c.mode
+        return self.mode
 
 
 class _Frame:
@@ -122,14 +142,16 @@ def scan(
     seen: set[bytes] = set()
     counter = 0
 
-    def work(fd: int, st: os.stat_result) -> Ingested:
+    def work(fd: int, st: os.stat_result, link_src: tuple[int, bytes] | None) -> Ingested:
         try:
             if batch is not None:
-                return batch.ingest(fd, st)
+                return batch.ingest(fd, st, link_src)
             oid, _ = hash_fd(fd)
             return Ingested(oid, 0, st, _moved(st, os.fstat(fd)))
         finally:
             os.close(fd)
+            if link_src is not None:
+                os.close(link_src[0])
             gate.release()
 
     def list_dir(fd: int, rel: bytes) -> list[tuple[bytes, int]]:
@@ -143,6 +165,8 @@ def scan(
         with it:
             for de in it:
                 name = os.fsencode(de.name)
+                if not rel and name == STATE_DIR:
+                    continue  # snapfs's own state is never part of a snapshot
                 relpath = _join(rel, name)
                 try:
                     st = de.stat(follow_symlinks=False)
@@ -198,8 +222,10 @@ def scan(
                     raise from_oserror(exc, "Reading the project", root / os.fsdecode(relpath)) from exc
                 if pool is None:
                     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapfs-scan")
-                fut = pool.submit(work, ffd, st)
-                items.append(_Pending(name, relpath, stat.S_IMODE(m), st, fut))
+                # Hardlinking needs the name; the walker's dir fd closes before the job runs.
+                link_src = (os.dup(fd), name) if batch is not None and batch.may_hardlink(st) else None
+                fut = pool.submit(work, ffd, st, link_src)
+                items.append(_Pending(name, relpath, stat.S_IMODE(m), st, fut, c))
         listing[rel] = items
         return subdirs
 
@@ -275,7 +301,8 @@ def _build_trees(
                 result.hashed += 1
                 result.stored += got.stored
                 st = got.st
-                entries.append(Entry(item.name, Kind.FILE, item.mode, item.st.st_size, got.oid))
+                mode = item.logical_mode(got)
+                entries.append(Entry(item.name, Kind.FILE, mode, item.st.st_size, got.oid))
                 result.cache_updates.append(
                     (
                         item.relpath,
@@ -285,7 +312,7 @@ def _build_trees(
                             st.st_size,
                             st.st_mtime_ns,
                             st.st_ctime_ns,
-                            item.mode,
+                            mode,
                             got.oid,
                             got.racy or _racy(st, start_ns),
                         ),
