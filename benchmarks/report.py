@@ -109,13 +109,18 @@ def floors_table(floors: dict[str, Any]) -> str:
     )
 
 
+def errors_list(agg: dict[str, dict[str, Any]]) -> str:
+    lines = [f"- {t}: {e.splitlines()[0][:300]}" for t in agg for e in agg[t]["errors"]]
+    return "### errors\n\n" + "\n".join(lines) if lines else ""
+
+
 def fs_report(
     fs: str, info: dict[str, Any], agg: dict[str, dict[str, Any]], floors: dict[str, Any]
 ) -> str:
     return "\n\n".join(
         [
             (
-                f"## {fs}  (scale {info['scale']}, repeat {info['repeat']}, {info['files']} files, "
+                f"## {fs}  (scale {info['scale']}, repeat {info['repeat']}, {info['entries']} entries, "
                 f"{info['bytes'] / MB:.0f} MB; warm page cache: each tool's copy is read once, untimed, "
                 "before timing; caches are never dropped)"
             ),
@@ -125,5 +130,6 @@ def fs_report(
             ratio_table(agg),
             "### floors",
             floors_table(floors),
+            errors_list(agg),
         ]
-    )
+    ).rstrip()

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package im
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import genproject, report, treecheck
-from benchmarks.tools import ALL_TOOLS, CmdError, Tool, Unsupported, run
+from benchmarks.tools import ALL_TOOLS, CmdError, Snapfs, Tool, Unsupported, run
 
 FS_KINDS = ["main", "ext4-loop", "xfs-loop"]
 DEFAULT_PEERS = ["git", "restic", "borg", "rsync", "cp-al", "cp-reflink"]
@@ -136,17 +136,25 @@ def _paths(entries: Any) -> set[str]:
 
 
 def status_check(status: Any, expected: dict[str, list[str]]) -> str:
-    """Compare snapfs's status JSON with the files we know were added/modified/deleted."""
+    """Compare snapfs's status JSON with the files we know were added/modified/deleted.
+
+    Entries ending in "/" are directories; only files are compared, dirs are just counted.
+    """
     if not isinstance(status, dict):
         return f"MISMATCH: not a JSON object: {str(status)[:80]}"
     problems: list[str] = []
+    n_dirs = 0
     for kind, want in expected.items():
         got = _paths(status.get(kind))
-        extra, missing = sorted(got - set(want)), sorted(set(want) - got)
+        dirs = {p for p in got if p.endswith("/")}
+        n_dirs += len(dirs)
+        extra, missing = sorted(got - dirs - set(want)), sorted(set(want) - got)
         if extra or missing:
             example = (extra or missing)[0]
             problems.append(f"{kind}: {len(extra)} extra, {len(missing)} missing (e.g. {example})")
-    return "ok" if not problems else "MISMATCH " + "; ".join(problems)
+    if problems:
+        return "MISMATCH " + "; ".join(problems)
+    return f"ok (+{n_dirs} dir entries)" if n_dirs else "ok"
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +253,7 @@ def bench_fs(fs: str, base: Path, args: argparse.Namespace) -> dict[str, Any]:
     info = {
         "scale": args.scale,
         "repeat": args.repeat,
-        "files": floors["walk"]["entries"],
+        "entries": floors["walk"]["entries"],
         "bytes": floors["walk"]["bytes"],
     }
     tools = select_tools(args.peers, fs)
@@ -304,13 +312,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def tool_versions() -> dict[str, str]:
+    """First line of each tool's version output, so results can be compared across machines."""
+    cmds = {
+        "snapfs": [sys.executable, "-m", "snapfs", "--version"],
+        "git": ["git", "--version"],
+        "restic": ["restic", "version"],
+        "borg": ["borg", "--version"],
+        "rsync": ["rsync", "--version"],
+        "python": [sys.executable, "--version"],
+    }
+    out: dict[str, str] = {}
+    for name, cmd in cmds.items():
+        try:
+            out[name] = run(cmd, env=Snapfs.ENV).strip().splitlines()[0]
+        except (CmdError, OSError, IndexError):
+            out[name] = "unavailable"
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # SIGTERM -> SystemExit so the finally blocks unmount and clean up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="snapfs-bench-", dir=args.workdir))
-    results: dict[str, Any] = {"argv": sys.argv, "started": time.time(), "filesystems": {}}
+    results: dict[str, Any] = {
+        "argv": sys.argv,
+        "started": time.time(),
+        "versions": tool_versions(),
+        "filesystems": {},
+    }
     try:
         for fs in FS_KINDS if args.fs == "all" else [args.fs]:
             with filesystem(fs, workdir, args.scale) as base:

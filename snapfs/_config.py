@@ -51,6 +51,7 @@ class Config:
     store: Path | None = None
     link_mode: LinkMode = LinkMode.AUTO
     hardlink_threshold: int = 64 << 20
+    pack_threshold: int = 1 << 20  # smaller files go into pack files
     compress: bool = True
     compress_level: int = 3
     workers: int = 4
@@ -62,6 +63,7 @@ _ENV = {
     "SNAPFS_STORE": "store",
     "SNAPFS_LINK_MODE": "link_mode",
     "SNAPFS_HARDLINK_THRESHOLD": "hardlink_threshold",
+    "SNAPFS_PACK_THRESHOLD": "pack_threshold",
     "SNAPFS_COMPRESS": "compress",
     "SNAPFS_COMPRESS_LEVEL": "compress_level",
     "SNAPFS_WORKERS": "workers",
@@ -76,7 +78,7 @@ def _coerce(name: str, value: Any, base: Path | None) -> Any:
             return (base / p) if base is not None and not p.is_absolute() else p.absolute()
         if name == "link_mode":
             return LinkMode(str(value).lower())
-        if name == "hardlink_threshold":
+        if name in ("hardlink_threshold", "pack_threshold"):
             return parse_size(value)
         if name in ("compress", "verify_restore", "lock_wait"):
             return _parse_bool(value)

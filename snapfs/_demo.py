@@ -91,7 +91,9 @@ def run_demo(say: Callable[[str], None], keep: bool = False) -> bool:
 
             res = project.rollback()
             say(f"5. Rolled back to snapshot {res.target}: {res.changed} changes undone")
-            say(f"   (the broken state was kept as snapshot {res.pre_restore}, so even this is undoable)")
+            say(
+                f"   (the broken state was kept as snapshot {res.pre_restore}, so even this is undoable)"
+            )
             exact = _fingerprint(root) == before
             rep = project.verify()
             say(

@@ -147,7 +147,9 @@ def split_relpath(relpath: bytes) -> list[bytes]:
 
 
 @contextmanager
-def open_parent(root_fd: int, relpath: bytes, *, create: bool = False) -> Iterator[tuple[int, bytes]]:
+def open_parent(
+    root_fd: int, relpath: bytes, *, create: bool = False
+) -> Iterator[tuple[int, bytes]]:
     """Yield (fd of the parent directory, final name) of ``relpath`` under ``root_fd``.
 
     Each component is opened with O_NOFOLLOW, so a symlink anywhere on the way fails with ELOOP

@@ -27,6 +27,16 @@ def hash_fd(fd: int) -> tuple[Oid, int]:
         total += len(block)
 
 
+def read_all(fd: int) -> bytes:
+    """Everything from the current offset to EOF."""
+    chunks = []
+    while True:
+        block = os.read(fd, READ_BLOCK)
+        if not block:
+            return b"".join(chunks)
+        chunks.append(block)
+
+
 def oid_hex(oid: Oid) -> str:
     return oid.hex()
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import pathspec
+from typing import Any
 
 from ._errors import UsageError
 
@@ -20,8 +19,13 @@ STATE_DIR = b".snapfs"
 class Ignore:
     def __init__(self, lines: list[str]) -> None:
         self._lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        self._spec: Any = None
+        if not self._lines:
+            return
+        import pathspec  # only when there are rules: it is slow to import
+
         try:
-            self._spec = pathspec.GitIgnoreSpec.from_lines(lines) if self._lines else None
+            self._spec = pathspec.GitIgnoreSpec.from_lines(lines)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"{IGNORE_FILE} has a pattern snapfs can't read: {exc}.") from exc
 

@@ -7,24 +7,28 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    pass
 
 from ._config import Config, load_config
-from ._diff import Changes, TreeLoader, changes, walk_tree
+from ._diff import Changes, TreeLoader, changes
 from ._errors import (
     NotAProject,
     ObjectCorrupt,
     ObjectMissing,
     ProjectPathError,
+    SealBroken,
     SnapfsError,
     SnapshotNotFound,
     StateCorrupt,
     UsageError,
 )
+from ._fsops import LinkMode
 from ._hashing import Oid, hash_bytes
 from ._ignore import Ignore
 from ._lock import Lock
@@ -32,6 +36,7 @@ from ._objects import ObjectStore
 from ._restore import Intent, Op, apply_restore, finish, plan_restore, read_intent
 from ._scan import Progress, ProgressFn, ScanResult, no_progress, scan
 from ._state import KINDS, ProjectState, SnapshotRow
+from ._threads import executor
 from ._tree import Kind, decode, encode, tree_oid
 
 STATE_DIR = ".snapfs"
@@ -243,9 +248,7 @@ class Project:
             rows = self.state.snapshots()
             n = int(m.group(1) or 0)
             if n >= len(rows):
-                raise SnapshotNotFound(
-                    f"There is no snapshot {text}: the project has {len(rows)}."
-                )
+                raise SnapshotNotFound(f"There is no snapshot {text}: the project has {len(rows)}.")
             return rows[-1 - n]
         if not text.isdigit():
             raise SnapshotNotFound(
@@ -276,6 +279,12 @@ class Project:
             workers=self.config.workers,
             progress=progress,
         )
+
+    def _inline_max(self) -> int:
+        # Forced reflink/hardlink modes need every file to go through the link strategy.
+        if self.config.link_mode in (LinkMode.REFLINK, LinkMode.HARDLINK):
+            return 0
+        return self.config.pack_threshold
 
     def _overlay(self, extra: dict[Oid, bytes]) -> TreeLoader:
         load = self.state.tree
@@ -334,14 +343,15 @@ class Project:
                     cache=self.state.load_cache(),
                     batch=batch,
                     workers=self.config.workers,
+                    inline_max=self._inline_max(),
                     progress=progress,
                 )
                 if skip_if_root is not None and res.root == skip_if_root:
                     batch.abort()
                     self.state.update_cache(res.cache_updates, res.cache_deletes)
                     return -1
-                new_objects = batch.new_objects
                 batch.commit()
+                new_objects = batch.new_objects_committed
             except BaseException:
                 batch.abort()
                 raise
@@ -352,7 +362,7 @@ class Project:
                 trees=res.trees.items(),
                 files=res.files,
                 nbytes=res.nbytes,
-                new_bytes=res.stored,
+                new_bytes=res.stored + batch.stored,
                 new_objects=new_objects,
                 seconds=time.monotonic() - t0,
                 cache_updates=res.cache_updates,
@@ -412,7 +422,9 @@ class Project:
         self, target: SnapshotRow, current: Oid, pre: int | None, progress: ProgressFn
     ) -> list[Op]:
         plan = plan_restore(self._load(), current, target.root)
-        intent = Intent(target.id, target.root, pre, f"r{target.id}-{os.getpid()}", time.time(), os.getpid())
+        intent = Intent(
+            target.id, target.root, pre, f"r{target.id}-{os.getpid()}", time.time(), os.getpid()
+        )
         ignore = Ignore.load(self.root)
         applied = apply_restore(
             root=self.root,
@@ -481,7 +493,14 @@ class Project:
         cur = self._scan_readonly(progress)
         load = self._overlay(cur.trees)
         plan = plan_restore(load, cur.root, target.root)
-        retry = Intent(intent.target, intent.target_root, intent.pre, intent.staging + "-r", time.time(), os.getpid())
+        retry = Intent(
+            intent.target,
+            intent.target_root,
+            intent.pre,
+            intent.staging + "-r",
+            time.time(),
+            os.getpid(),
+        )
         applied = apply_restore(
             root=self.root,
             state_dir=self.state_dir,
@@ -530,7 +549,9 @@ class Project:
                 try:
                     entries = decode(data)
                 except StateCorrupt:
-                    problems.append(Problem("tree", t.hex(), f"snapshot {row.id}: tree {t.hex()} is malformed."))
+                    problems.append(
+                        Problem("tree", t.hex(), f"snapshot {row.id}: tree {t.hex()} is malformed.")
+                    )
                     continue
                 for e in entries:
                     path = rel + b"/" + e.name if rel else e.name
@@ -547,12 +568,12 @@ class Project:
             except ObjectMissing:
                 return Problem("missing", oid.hex(), "missing from the store", tuple(users[oid]))
             except ObjectCorrupt as exc:
-                kind = "tampered" if "in place" in exc.message else "corrupt"
+                kind = "tampered" if isinstance(exc, SealBroken) else "corrupt"
                 return Problem(kind, oid.hex(), exc.message, tuple(users[oid]))
             return None
 
         done = 0
-        with ThreadPoolExecutor(max_workers=self.config.workers) as pool:
+        with executor(max_workers=self.config.workers) as pool:
             for p in pool.map(check, list(users)):
                 done += 1
                 if done % 1024 == 0:
@@ -610,19 +631,12 @@ class Project:
             finally:
                 other.close()
         dead_trees = [t for t in self.state.tree_oids() if t not in live_trees]
-        freed = 0
-        dead_objects = []
-        for oid, _path in self.store.iter_oids():
-            if oid not in live_objects:
-                size, nlink = self.store.stored_size(oid)
-                freed += size if nlink <= 1 else 0
-                dead_objects.append(oid)
         if not dry_run:
-            self.state.delete_snapshots(doomed)
-            for oid in dead_objects:
-                self.store.delete(oid)
+            self.state.delete_snapshots(doomed)  # first: a crash after this only leaves garbage
+        swept = self.store.sweep(live_objects, dry_run=dry_run)
+        if not dry_run:
             self.state.delete_trees(dead_trees)
-        return GcReport(doomed, len(dead_objects), len(dead_trees), freed, dry_run)
+        return GcReport(doomed, swept.objects, len(dead_trees), swept.freed, dry_run)
 
 
 def _mark(load: TreeLoader, roots: list[Oid], trees: set[Oid], objects: set[Oid]) -> None:

@@ -41,8 +41,8 @@ from ._fsops import (
 )
 from ._hashing import Oid
 from ._objects import ObjectStore
-from ._scan import Progress, ProgressFn, _racy, no_progress
-from ._state import CacheEntry
+from ._scan import Progress, ProgressFn, is_racy, no_progress
+from ._index import CacheEntry
 from ._tree import Entry, Kind
 
 INTENT_VERSION = 1
@@ -199,7 +199,9 @@ def apply_restore(
         result = _apply(plan, root_fd, sfd, keep, progress)
         # The renames durable before the intent goes away.
         parents = {os.path.dirname(op.relpath) for op in plan}
-        make_durable([], [os.path.join(bytes(root), p) if p else bytes(root) for p in parents], root_fd)
+        make_durable(
+            [], [os.path.join(bytes(root), p) if p else bytes(root) for p in parents], root_fd
+        )
         crash_point("restore.applied")
         return result
     finally:
@@ -299,7 +301,7 @@ def _apply_one(
                             st.st_ctime_ns,
                             op.mode,
                             op.oid,
-                            _racy(st, start_ns),
+                            is_racy(st, start_ns),
                         ),
                     )
                 )

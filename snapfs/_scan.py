@@ -13,20 +13,26 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 from ._errors import ProjectPathError, SnapfsError, from_oserror
 from ._fsops import DIR_FLAGS, READ_FLAGS
-from ._hashing import Oid, hash_fd
+from ._hashing import Oid, hash_bytes, hash_fd, read_all
 from ._ignore import STATE_DIR
 from ._objects import IngestBatch, Ingested
-from ._state import CacheEntry
+from ._index import CacheEntry
+from ._threads import executor
 from ._tree import Entry, Kind, encode, tree_oid
 
 # Timestamps within this distance of the scan's start may share a clock tick with a write we
 # haven't seen (the "racy clean" problem): such cache entries are re-hashed next time.
+_IFMT = 0o170000
+_IFDIR = stat.S_IFDIR
 RACY_NS = 20_000_000
 RACY_COARSE_NS = 2_000_000_000  # filesystems with whole-second timestamps
 MAX_OPEN = 128  # files opened by the walker and not yet hashed
@@ -110,7 +116,13 @@ def _join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
 
 
-def _racy(st: os.stat_result, start_ns: int) -> bool:
+def _cache_entry(st: os.stat_result, mode: int, oid: Oid, racy: bool) -> CacheEntry:
+    return CacheEntry(
+        st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode, oid, racy
+    )
+
+
+def is_racy(st: os.stat_result, start_ns: int) -> bool:
     latest = max(st.st_mtime_ns, st.st_ctime_ns)
     margin = RACY_COARSE_NS if st.st_mtime_ns % 1_000_000_000 == 0 else RACY_NS
     return latest >= start_ns - margin
@@ -123,9 +135,14 @@ def scan(
     cache: dict[bytes, CacheEntry],
     batch: IngestBatch | None,
     workers: int = 4,
+    inline_max: int = 1 << 20,
     progress: ProgressFn = no_progress,
 ) -> ScanResult:
-    """Build the tree objects for ``root``. With ``batch`` new content is stored, else only hashed."""
+    """Build the tree objects for ``root``. With ``batch`` new content is stored, else only hashed.
+
+    Files smaller than ``inline_max`` are read and hashed by the walker itself; larger ones go
+    to a pool of ``workers`` threads.
+    """
     try:
         root_fd = os.open(root, DIR_FLAGS)
     except NotADirectoryError:
@@ -133,6 +150,7 @@ def scan(
     except OSError as exc:
         raise from_oserror(exc, "Reading the project", root) from exc
     start_ns = time.time_ns()
+    check_ignore = bool(ignore)  # an Ignore with no rules is falsy: skip a call per file
     # dir relpath -> its entries (complete Entry, a _Pending file, or a subdir placeholder)
     listing: dict[bytes, list[Entry | _Pending | tuple[bytes, int]]] = {}
     postorder: list[bytes] = []
@@ -140,6 +158,9 @@ def scan(
     gate = threading.BoundedSemaphore(MAX_OPEN)
     result = ScanResult(root=b"", trees={})
     seen: set[bytes] = set()
+    fsencode = os.fsencode
+    seen_add = seen.add
+    FILE = Kind.FILE
     counter = 0
 
     def work(fd: int, st: os.stat_result, link_src: tuple[int, bytes] | None) -> Ingested:
@@ -162,24 +183,26 @@ def scan(
             it = os.scandir(fd)
         except OSError as exc:
             raise from_oserror(exc, "Reading the project", root / os.fsdecode(rel)) from exc
+        prefix = rel + b"/" if rel else b""
+        get_cached = cache.get
         with it:
             for de in it:
-                name = os.fsencode(de.name)
+                name = fsencode(de.name)
                 if not rel and name == STATE_DIR:
                     continue  # snapfs's own state is never part of a snapshot
-                relpath = _join(rel, name)
+                relpath = prefix + name
                 try:
                     st = de.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # vanished between listing and stat: not part of this snapshot
                 m = st.st_mode
-                if stat.S_ISDIR(m):
-                    if ignore(relpath + b"/"):
+                if m & _IFMT == _IFDIR:
+                    if check_ignore and ignore(relpath + b"/"):
                         continue
                     subdirs.append((name, stat.S_IMODE(m)))
                     items.append((name, stat.S_IMODE(m)))
                     continue
-                if ignore(relpath):
+                if check_ignore and ignore(relpath):
                     continue
                 if stat.S_ISLNK(m):
                     try:
@@ -194,36 +217,55 @@ def scan(
                 counter += 1
                 if counter % 2048 == 0:
                     progress(Progress("scan", counter, None, os.fsdecode(relpath)))
-                seen.add(relpath)
+                seen_add(relpath)
                 result.files += 1
                 result.nbytes += st.st_size
-                c = cache.get(relpath)
+                c = get_cached(relpath)
                 if (
                     c is not None
-                    and not c.racy
-                    and c.ino == st.st_ino
-                    and c.size == st.st_size
-                    and c.mtime_ns == st.st_mtime_ns
-                    and c.ctime_ns == st.st_ctime_ns
-                    and c.dev == st.st_dev
+                    and c[1] == st.st_ino  # fields by index: this is the hottest loop
+                    and c[3] == st.st_mtime_ns
+                    and c[4] == st.st_ctime_ns
+                    and c[2] == st.st_size
+                    and c[0] == st.st_dev
+                    and not c[7]
                 ):
-                    items.append(Entry(name, Kind.FILE, c.mode, st.st_size, c.oid))
+                    items.append(Entry(name, FILE, c[5], c[2], c[6]))
                     continue
-                gate.acquire()
                 try:
                     ffd = os.open(name, READ_FLAGS, dir_fd=fd)
                 except OSError as exc:
-                    gate.release()
                     if exc.errno in (errno.ENOENT, errno.ELOOP):
                         result.files -= 1
                         result.nbytes -= st.st_size
                         seen.discard(relpath)
                         continue  # vanished or replaced by a symlink: gone for this snapshot
-                    raise from_oserror(exc, "Reading the project", root / os.fsdecode(relpath)) from exc
+                    raise from_oserror(
+                        exc, "Reading the project", root / os.fsdecode(relpath)
+                    ) from exc
+                if st.st_size < inline_max:
+                    # Small files are cheaper to handle right here than to hand to a thread.
+                    try:
+                        data = read_all(ffd)
+                        after = os.fstat(ffd)
+                    finally:
+                        os.close(ffd)
+                    oid = hash_bytes(data)
+                    if batch is not None:
+                        batch.add_small(oid, data)
+                    result.hashed += 1
+                    mode = stat.S_IMODE(m)
+                    items.append(Entry(name, Kind.FILE, mode, len(data), oid))
+                    racy = _moved(st, after) or len(data) != st.st_size or is_racy(after, start_ns)
+                    result.cache_updates.append((relpath, _cache_entry(after, mode, oid, racy)))
+                    continue
+                gate.acquire()
                 if pool is None:
-                    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapfs-scan")
+                    pool = executor(max_workers=workers, thread_name_prefix="snapfs-scan")
                 # Hardlinking needs the name; the walker's dir fd closes before the job runs.
-                link_src = (os.dup(fd), name) if batch is not None and batch.may_hardlink(st) else None
+                link_src = (
+                    (os.dup(fd), name) if batch is not None and batch.may_hardlink(st) else None
+                )
                 fut = pool.submit(work, ffd, st, link_src)
                 items.append(_Pending(name, relpath, stat.S_IMODE(m), st, fut, c))
         listing[rel] = items
@@ -243,10 +285,14 @@ def scan(
                 except OSError as exc:
                     if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
                         listing[top.relpath] = [
-                            x for x in listing[top.relpath] if not (isinstance(x, tuple) and x[0] == name)
+                            x
+                            for x in listing[top.relpath]
+                            if not (isinstance(x, tuple) and x[0] == name)
                         ]
                         continue  # vanished or swapped for a symlink mid-walk
-                    raise from_oserror(exc, "Reading the project", root / os.fsdecode(child)) from exc
+                    raise from_oserror(
+                        exc, "Reading the project", root / os.fsdecode(child)
+                    ) from exc
                 stack.append(_Frame(cfd, child, []))
                 try:
                     stack[-1].subdirs = list_dir(cfd, child)
@@ -314,7 +360,7 @@ def _build_trees(
                             st.st_ctime_ns,
                             mode,
                             got.oid,
-                            got.racy or _racy(st, start_ns),
+                            got.racy or is_racy(st, start_ns),
                         ),
                     )
                 )

@@ -6,6 +6,7 @@ commit durable before it returns, which the restore and snapshot protocols rely 
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from ._errors import StateCorrupt
 from ._hashing import Oid
+from ._index import CacheEntry, Index, load_index, save_index
 
 SCHEMA_VERSION = 1
 
@@ -32,11 +34,6 @@ CREATE TABLE IF NOT EXISTS snapshots (
     seconds REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS trees (oid BLOB PRIMARY KEY, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS statcache (
-    relpath BLOB PRIMARY KEY,
-    dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
-    mode INTEGER, oid BLOB, racy INTEGER NOT NULL DEFAULT 0
-);
 """
 
 KINDS = ("manual", "auto", "pre-op", "pre-restore", "post", "pre-import")
@@ -73,22 +70,13 @@ class SnapshotRow:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class CacheEntry:
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    mode: int  # the logical mode recorded in trees (sealed files are read-only on disk)
-    oid: Oid
-    racy: bool
-
-
 class ProjectState:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.db = connect(path, PROJECT_SCHEMA)
+        self.index_path = path.with_name("index")
+        self._index: Index | None = None
+        self._index_sig: tuple[int, int, int] | None = None
 
     def close(self) -> None:
         self.db.close()
@@ -136,28 +124,21 @@ class ProjectState:
                 (time.time(), label, kind, root, files, nbytes, new_bytes, new_objects, seconds),
             )
             sid = int(cur.lastrowid or 0)
-            self._write_cache(cache_updates, cache_deletes)
             if set_head:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('head', ?)", (str(sid),))
+        self.update_cache(cache_updates, cache_deletes)
         return sid
-
-    def _write_cache(
-        self, updates: Iterable[tuple[bytes, CacheEntry]], deletes: Iterable[bytes]
-    ) -> None:
-        self.db.executemany("DELETE FROM statcache WHERE relpath = ?", ((p,) for p in deletes))
-        self.db.executemany(
-            "INSERT OR REPLACE INTO statcache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                (p, e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns, e.mode, e.oid, int(e.racy))
-                for p, e in updates
-            ),
-        )
 
     def update_cache(
         self, updates: Iterable[tuple[bytes, CacheEntry]], deletes: Iterable[bytes] = ()
     ) -> None:
-        with self.db:
-            self._write_cache(updates, deletes)
+        index = dict(self.load_cache())
+        for p in deletes:
+            index.pop(p, None)
+        index.update(updates)
+        save_index(self.index_path, index)
+        st = os.stat(self.index_path)
+        self._index, self._index_sig = index, (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def snapshots(self) -> list[SnapshotRow]:
         rows = self.db.execute(
@@ -192,13 +173,18 @@ class ProjectState:
             self.db.executemany("DELETE FROM trees WHERE oid = ?", ((o,) for o in oids))
 
     # ---- stat cache ---------------------------------------------------------------------
-    def load_cache(self) -> dict[bytes, CacheEntry]:
-        out: dict[bytes, CacheEntry] = {}
-        for row in self.db.execute("SELECT * FROM statcache"):
-            out[bytes(row[0])] = CacheEntry(
-                row[1], row[2], row[3], row[4], row[5], row[6], bytes(row[7]), bool(row[8])
-            )
-        return out
+    def load_cache(self) -> Index:
+        """The stat cache; treat it as read-only (update_cache replaces it)."""
+        try:
+            st = os.stat(self.index_path)
+            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            sig = None
+        # Another process may have replaced it; a stale copy could name objects gc removed.
+        if self._index is None or sig != self._index_sig:
+            self._index = load_index(self.index_path)
+            self._index_sig = sig
+        return self._index
 
     def cache_oids(self) -> set[Oid]:
-        return {bytes(r[0]) for r in self.db.execute("SELECT DISTINCT oid FROM statcache")}
+        return {e.oid for e in self.load_cache().values()}

@@ -13,6 +13,15 @@ import pytest
 import snapfs
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # When a Hypothesis test fails, its pytest plugin imports libcst to print the failing example
+    # as a patch, and libcst trips a DeprecationWarning in mypy_extensions. filterwarnings=error
+    # would turn that into an INTERNALERROR that hides the real failure.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
+    )
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No SNAPFS_* setting from the caller's shell leaks into a test; no thread outlives one."""

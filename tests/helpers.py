@@ -65,3 +65,26 @@ def write(root: Path, rel: str, data: bytes | str = b"x", mode: int | None = Non
     if mode is not None:
         os.chmod(p, mode)
     return p
+
+
+def corrupt_object(store: object, oid: bytes, at: int = 0) -> None:
+    """Flip bytes of a stored object wherever it lives (a loose file or a slice of a pack)."""
+    where = store.locate(oid)  # type: ignore[attr-defined]
+    assert where is not None, "object not in the store"
+    os.chmod(where.path, 0o644)
+    with open(where.path, "r+b") as f:
+        f.seek(where.offset + at)
+        old = f.read(4)
+        f.seek(where.offset + at)
+        f.write(bytes(b ^ 0xFF for b in old))
+
+
+def delete_object(store: object, oid: bytes) -> None:
+    """Remove a stored object from the store, as if someone deleted it."""
+    where = store.locate(oid)  # type: ignore[attr-defined]
+    assert where is not None, "object not in the store"
+    if where.packed:
+        with store.db:  # type: ignore[attr-defined]
+            store.db.execute("DELETE FROM packed WHERE oid = ?", (oid,))  # type: ignore[attr-defined]
+    else:
+        os.unlink(where.path)

@@ -38,9 +38,7 @@ class Ctx:
 
     def open(self) -> Project:
         overrides: dict[str, Any] = {"lock_wait": False} if self.no_wait else {}
-        project = snapfs.open(
-            self.path or ".", store=self.store, env=dict(os.environ), **overrides
-        )
+        project = snapfs.open(self.path or ".", store=self.store, env=dict(os.environ), **overrides)
         project.on_wait = _say_waiting
         return project
 
@@ -63,7 +61,9 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.option("--no-wait", is_flag=True, help="Fail at once if another writer holds the project.")
 @click.version_option(snapfs.__version__, prog_name="snapfs")
 @click.pass_context
-def cli(ctx: click.Context, path: str | None, store: str | None, debug: bool, no_wait: bool) -> None:
+def cli(
+    ctx: click.Context, path: str | None, store: str | None, debug: bool, no_wait: bool
+) -> None:
     """Crash-safe snapshots and rollback for project folders."""
     ctx.obj = Ctx(path, store or os.environ.get("SNAPFS_STORE") or None, debug, no_wait)
 
@@ -230,7 +230,9 @@ def verify(c: Ctx, as_json: bool) -> None:
 @click.option("--dry-run", "-n", is_flag=True, help="Report what would go; delete nothing.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def gc(c: Ctx, keep_last: int | None, keep_within: str | None, dry_run: bool, as_json: bool) -> None:
+def gc(
+    c: Ctx, keep_last: int | None, keep_within: str | None, dry_run: bool, as_json: bool
+) -> None:
     """Delete snapshots outside the retention policy and unreferenced data."""
     with c.open() as p:
         rep = p.gc(keep_last=keep_last, keep_within=keep_within, dry_run=dry_run)

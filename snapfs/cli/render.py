@@ -26,7 +26,9 @@ def print_snapshots(snaps: Sequence[SnapshotInfo], head: int | None) -> None:
     if not snaps:
         click.echo("No snapshots yet. Take one with 'snapfs snapshot'.")
         return
-    click.echo(f"  {'ID':>4}  {'CREATED':19}  {'KIND':11}  {'FILES':>7}  {'SIZE':>10}  {'NEW':>10}  LABEL")
+    click.echo(
+        f"  {'ID':>4}  {'CREATED':19}  {'KIND':11}  {'FILES':>7}  {'SIZE':>10}  {'NEW':>10}  LABEL"
+    )
     for s in snaps:
         mark = "*" if s.id == head else " "
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created))
@@ -50,7 +52,9 @@ def print_plan(plan: Sequence[Op], limit: int | None = None) -> None:
         return
     shown = plan if limit is None else plan[:limit]
     for op in shown:
-        click.echo("  " + op.describe().encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        click.echo(
+            "  " + op.describe().encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        )
     if len(shown) < len(plan):
         click.echo(f"  ... and {len(plan) - len(shown)} more")
     counts: dict[str, int] = {}

@@ -11,7 +11,7 @@ import pytest
 import snapfs
 from snapfs._ignore import Ignore
 from snapfs._scan import scan
-from tests.helpers import tree_state, write
+from tests.helpers import corrupt_object, delete_object, tree_state, write
 
 
 def _populate(root: Path) -> None:
@@ -176,11 +176,7 @@ def test_corrupt_object_named_by_verify_and_refused_by_restore(project: snapfs.P
     write(root, "other.txt", "fine")
     snap = project.snapshot()
     oid = project.state.load_cache()[b"weights.bin"].oid
-    path, compressed = project.store.locate(oid)  # type: ignore[misc]
-    assert not compressed
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.write(b"\0\0\0\0")
+    corrupt_object(project.store, oid, at=10)
     rep = project.verify()
     assert not rep.ok
     assert any("weights.bin" in p for prob in rep.problems for p in prob.paths)
@@ -197,7 +193,7 @@ def test_missing_object_refused_by_name(project: snapfs.Project) -> None:
     write(root, "a.txt", "a" * 10_000)
     snap = project.snapshot()
     oid = project.state.load_cache()[b"a.txt"].oid
-    os.unlink(project.store.locate(oid)[0])  # type: ignore[index]
+    delete_object(project.store, oid)
     os.unlink(root / "a.txt")
     with pytest.raises(snapfs.ObjectMissing, match="a.txt"):
         project.restore(snap.id)
