@@ -124,7 +124,16 @@ def run_floors(root: Path, repeat: int) -> dict[str, Any]:
             "seconds": statistics.median(s["seconds"] for s in samples),
             "raw": [s["seconds"] for s in samples],
         }
+    out["snapfs_startup"] = snapfs_startup(repeat)
     return out
+
+
+def snapfs_startup(repeat: int) -> float | None:
+    """Wall time of `python -m snapfs --version`: the fixed cost inside every snapfs timing."""
+    if Snapfs.unavailable_reason():
+        return None
+    cmd = [sys.executable, "-m", "snapfs", "--version"]
+    return statistics.median(timed(lambda: run(cmd, env=Snapfs.ENV))[0] for _ in range(repeat))
 
 
 def _paths(entries: Any) -> set[str]:
@@ -172,6 +181,7 @@ def run_tool_once(
         "leaked": None,
         "status_check": None,
         "error": None,
+        "extra": {},
     }
     times = res["times"]
     run(["cp", "-a", str(pristine), str(tool.project)])
@@ -215,6 +225,7 @@ def run_tool_once(
     except Exception as e:  # noqa: BLE001 - e.g. unparsable output: one broken tool must not stop the suite
         res["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
         log(f"  {tool.name}: ERROR {res['error']}")
+    res["extra"] = tool.extra()  # also after an error: partial reports help debugging
     return res
 
 

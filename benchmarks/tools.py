@@ -91,6 +91,10 @@ class Tool(ABC):
         """For tools whose snapshots are plain trees: the first one (checked for leaked edits)."""
         return None
 
+    def extra(self) -> dict[str, Any]:
+        """Tool-specific details worth keeping in the JSON results."""
+        return {}
+
 
 def _which_reason(binary: str) -> str | None:
     return None if shutil.which(binary) else f"{binary} not installed"
@@ -109,6 +113,7 @@ class Snapfs(Tool):
     def __init__(self, area: Path) -> None:
         super().__init__(area)
         self.first_id: Any = None
+        self.snapshot_reports: list[Any] = []
 
     def _cli(self, *args: str) -> str:
         return run([sys.executable, "-m", "snapfs", "-C", str(self.project), *args], env=self.ENV)
@@ -126,6 +131,7 @@ class Snapfs(Tool):
 
     def snapshot(self, label: str) -> None:
         out = json.loads(self._cli("snapshot", "-m", label, "--json"))
+        self.snapshot_reports.append(out)
         if self.first_id is None:
             self.first_id = out["id"]
 
@@ -135,6 +141,9 @@ class Snapfs(Tool):
     def restore_first(self) -> Path:
         self._cli("restore", str(self.first_id), "--yes")
         return self.project
+
+    def extra(self) -> dict[str, Any]:
+        return {"snapshot_json": self.snapshot_reports}
 
     def store_bytes(self) -> int:
         # Large files may be hardlinked between project and store: count only the store's extra.
@@ -341,7 +350,7 @@ class Reflink(Tool):
     def __init__(self, area: Path) -> None:
         super().__init__(area)
         self.copies = 0
-        self.extra = 0
+        self.extra_bytes = 0
 
     def snapshot(self, label: str) -> None:
         if self.copies:
@@ -349,11 +358,11 @@ class Reflink(Tool):
         before = fs_used_bytes(self.area)
         run(["cp", "-a", "--reflink=always", str(self.project), str(self.area / "snap1")])
         self.copies += 1
-        self.extra = fs_used_bytes(self.area) - before
+        self.extra_bytes = fs_used_bytes(self.area) - before
 
     def store_bytes(self) -> int:
         # du cannot see shared extents; the filesystem's used-blocks delta can.
-        return self.extra
+        return self.extra_bytes
 
 
 ALL_TOOLS: dict[str, type[Tool]] = {

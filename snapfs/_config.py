@@ -24,8 +24,12 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 def parse_size(value: str | int) -> int:
     """Parse ``64MiB``, ``512k``, ``1G`` or a plain byte count."""
+    if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+        raise UsageError(f"Not a size: {value!r} (use bytes or a suffix like 64MiB).")
     if isinstance(value, int):
         return value
+    if not isinstance(value, str):
+        raise UsageError(f"Not a size: {value!r} (use bytes or a suffix like 64MiB).")
     m = _SIZE.match(value)
     if not m:
         raise UsageError(f"Not a size: {value!r} (use bytes or a suffix like 64MiB).")
@@ -36,6 +40,8 @@ def parse_size(value: str | int) -> int:
 def _parse_bool(value: str | bool) -> bool:
     if isinstance(value, bool):
         return value
+    if not isinstance(value, str):  # TOML 0/1 is an integer: ask for true/false
+        raise UsageError(f"Not a yes/no value: {value!r} (use true or false).")
     v = value.strip().lower()
     if v in ("1", "true", "yes", "on"):
         return True
@@ -83,6 +89,8 @@ def _coerce(name: str, value: Any, base: Path | None) -> Any:
         if name in ("compress", "verify_restore", "lock_wait"):
             return _parse_bool(value)
         if name in ("compress_level", "workers"):
+            if isinstance(value, bool):
+                raise ValueError(value)
             n = int(value)
             if n < 1 or (name == "compress_level" and n > 22) or n > 64:
                 raise ValueError(n)

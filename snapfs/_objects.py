@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 from ._config import Config
 from ._crash import crash_point
 from ._errors import ObjectCorrupt, ObjectMissing, SealBroken, UsageError
-from ._fsops import NOT_SUPPORTED, LinkMode, make_durable, reflink_fd, write_all
+from ._fsops import NOT_SUPPORTED, LinkMode, fsync_dir, make_durable, reflink_fd, write_all
 from ._hashing import READ_BLOCK, Oid, hash_bytes, hash_fd, read_all
 from ._lock import Lock
 from ._state import connect
@@ -271,15 +271,19 @@ class ObjectStore:
     def batch(self) -> IngestBatch:
         return IngestBatch(self)
 
-    def sweep_tmp(self) -> None:
-        """Remove temp dirs left by processes that died."""
-        if not self.tmp.is_dir():
-            return
-        for name in os.listdir(self.tmp):
-            pid = name.split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-                continue
-            shutil.rmtree(self.tmp / name, ignore_errors=True)
+    def has_leftovers(self) -> bool:
+        """Did a process die mid-write here? (Cheap: one directory listing.)"""
+        return self.tmp.is_dir() and any(_dead_owner(n) for n in os.listdir(self.tmp))
+
+    def sweep_leftovers(self) -> None:
+        """Remove temp dirs (loose objects and packs being written) of processes that died.
+
+        Only what a dead process owned is touched, so this is safe without the store lock.
+        """
+        if self.tmp.is_dir():
+            for name in os.listdir(self.tmp):
+                if _dead_owner(name):
+                    shutil.rmtree(self.tmp / name, ignore_errors=True)
 
     # ---- reading ------------------------------------------------------------------------
     def _hash_loose(self, path: Path) -> Oid:
@@ -475,7 +479,9 @@ class ObjectStore:
             self.db.executemany("DELETE FROM seals WHERE oid = ?", ((o,) for o in stale))
 
     def _repack(self, pack: str, keep: list[tuple[Oid, int, int, bool]], dead: list[Oid]) -> None:
-        writer = PackWriter(self.packs)
+        work = self.tmp / f"{os.getpid()}-gc-{secrets.token_hex(4)}"
+        work.mkdir(parents=True)
+        writer = PackWriter(work)
         src = os.open(self.packs / pack, os.O_RDONLY | os.O_CLOEXEC)
         try:
             moved = []
@@ -485,6 +491,9 @@ class ObjectStore:
         finally:
             os.close(src)
         writer.finish()
+        os.rename(writer.path, self.packs / writer.name)
+        fsync_dir(self.packs)
+        shutil.rmtree(work, ignore_errors=True)
         crash_point("gc.repack_written")
         with self.db:
             self.db.executemany(
@@ -497,10 +506,10 @@ class ObjectStore:
 
 
 class PackWriter:
-    """Appends payloads to a new pack file. Thread-safe. Nothing refers to it until commit."""
+    """Appends payloads to a new pack in a temp dir. Thread-safe. Published by rename."""
 
     def __init__(self, directory: Path) -> None:
-        self.name = f"{os.getpid()}-{secrets.token_hex(8)}.pack"
+        self.name = f"{secrets.token_hex(12)}.pack"
         self.path = directory / self.name
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, OBJ_MODE)
         write_all(self.fd, PACK_MAGIC)
@@ -725,7 +734,7 @@ class IngestBatch:
             meta.append((oid, len(payload), len(data), compressed))
         with self._mutex:
             if self._pack is None:
-                self._pack = PackWriter(self.store.packs)
+                self._pack = PackWriter(self.dir)
             pack = self._pack
         at = pack.append(b"".join(payloads))
         stored = 0
@@ -784,16 +793,19 @@ class IngestBatch:
         store = self.store
         self._drain()
         dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fans: set[str | bytes] = set()
         try:
             if self._pack is not None:
                 self._pack.finish()
             files: list[str | bytes] = [str(t) for t, _s in self._loose.values()]
             if self._pack is not None:
                 files.append(str(self._pack.path))
-            make_durable(files, [str(store.packs)] if self._pack else [], dfd)
+            make_durable(files, [], dfd)
             crash_point("snapshot.objects_synced")
+            if self._pack is not None:
+                os.rename(self._pack.path, store.packs / self._pack.name)
+                fans = {str(store.packs)}
             seals = []
-            fans: set[str | bytes] = set()
             made: set[Path] = set()
             for oid, (tmp, seal) in self._loose.items():
                 final = store.loose_path(oid)
@@ -864,6 +876,14 @@ def _unlink_quiet(path: Path | str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _dead_owner(name: str) -> bool:
+    """Was the temp dir or pack ``<pid>-...`` written by a process that is gone?"""
+    pid = name.split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    return int(pid) != os.getpid() and not _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:

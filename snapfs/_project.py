@@ -332,7 +332,7 @@ class Project:
         skip_if_root: Oid | None = None,
     ) -> int:
         t0 = time.monotonic()
-        self.store.sweep_tmp()
+        self.store.sweep_leftovers()
         self.store.lock.acquire(shared=True, wait=True)
         try:
             batch = self.store.batch()
@@ -455,7 +455,8 @@ class Project:
         return read_intent(self.state_dir / "intent.json")
 
     def _auto_recover(self) -> None:
-        if not (self.state_dir / "intent.json").exists():
+        """Finish interrupted work and sweep what crashed processes left, if no writer is busy."""
+        if not (self._has_leftovers() or self.store.has_leftovers()):
             return
         try:
             self.lock.acquire(wait=False, purpose="recover")
@@ -463,8 +464,15 @@ class Project:
             return  # a live writer owns the project; it will finish its own work
         try:
             self._recover_locked()
+            self.store.sweep_leftovers()
         finally:
             self.lock.release()
+
+    def _has_leftovers(self) -> bool:
+        staging = self.state_dir / "staging"
+        return (self.state_dir / "intent.json").exists() or (
+            staging.is_dir() and any(os.scandir(staging))
+        )
 
     def recover(self, *, discard: bool = False, progress: ProgressFn = no_progress) -> str:
         """Finish (or with ``discard``, forget) interrupted work. Returns what was done."""
@@ -477,7 +485,9 @@ class Project:
                     (self.state_dir / "staging").mkdir(exist_ok=True)
                     return "Discarded the record of an interrupted restore."
                 return "Nothing to recover."
-            return self._recover_locked(progress) or "Nothing to recover."
+            done = self._recover_locked(progress)
+            self.store.sweep_leftovers()
+            return done or "Nothing to recover."
 
     def _recover_locked(self, progress: ProgressFn = no_progress) -> str | None:
         intent = read_intent(self.state_dir / "intent.json")

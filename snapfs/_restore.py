@@ -40,9 +40,9 @@ from ._fsops import (
     write_file_atomic,
 )
 from ._hashing import Oid
+from ._index import CacheEntry
 from ._objects import ObjectStore
 from ._scan import Progress, ProgressFn, is_racy, no_progress
-from ._index import CacheEntry
 from ._tree import Entry, Kind
 
 INTENT_VERSION = 1

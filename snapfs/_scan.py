@@ -24,8 +24,8 @@ from ._errors import ProjectPathError, SnapfsError, from_oserror
 from ._fsops import DIR_FLAGS, READ_FLAGS
 from ._hashing import Oid, hash_bytes, hash_fd, read_all
 from ._ignore import STATE_DIR
-from ._objects import IngestBatch, Ingested
 from ._index import CacheEntry
+from ._objects import IngestBatch, Ingested
 from ._threads import executor
 from ._tree import Entry, Kind, encode, tree_oid
 

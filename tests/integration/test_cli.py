@@ -180,6 +180,68 @@ def test_a_different_store_on_an_existing_project_is_a_usage_error(
     assert [s["id"] for s in listing(project_dir)] == [1]
 
 
+def test_the_same_store_spelled_differently_is_the_same_store(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    roundabout = tmp_path / "elsewhere" / ".." / "store"  # the same directory as tmp_path/store
+    proj = tmp_path / "proj"
+    write(proj, "f.txt", "x")
+    init(proj, "--store", str(roundabout))
+    assert (tmp_path / "store").is_dir()
+    ok("-C", str(proj), "--store", str(tmp_path / "store"), "snapshot")
+    ok("-C", str(proj), "status", env={"SNAPFS_STORE": str(tmp_path / "store") + "/"})
+
+
+def test_relative_store_is_relative_to_dash_C(tmp_path: Path) -> None:
+    """-C PATH means "run as if started in PATH" (like git -C): relative paths in other options
+    are taken from there."""
+    elsewhere, proj = tmp_path / "elsewhere", tmp_path / "work" / "proj"
+    elsewhere.mkdir()
+    write(proj, "f.txt", "x")
+    ok("-C", str(proj), "--store", "../store", "init", cwd=elsewhere)
+    assert (tmp_path / "work" / "store").is_dir()
+    assert not (tmp_path / "store").exists()
+
+
+def test_failed_init_with_an_unusable_store_can_be_retried(tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    write(proj, "f.txt", "x")
+    blocker = write(tmp_path, "a-file", "not a directory")
+    assert_one_line_error(cli("-C", str(proj), "--store", str(blocker / "store"), "init"), 3)
+    # The failed attempt must not leave the project tied to the store it could not create.
+    ok("-C", str(proj), "--store", str(tmp_path / "good-store"), "init")
+    assert snap(proj) == 1
+    assert (tmp_path / "good-store" / "objects").is_dir()
+
+
+def test_gc_frees_space_when_the_project_was_named_by_a_relative_path(tmp_path: Path) -> None:
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    proj.mkdir()
+    elsewhere.mkdir()
+    ok("-C", "../proj", "init", cwd=elsewhere)  # the project spelled as .../elsewhere/../proj
+    for _ in range(3):
+        write(proj, "model.bin", os.urandom(LOOSE))
+        ok("snapshot", cwd=proj)
+    loose = count_loose(proj / ".snapfs")
+    rep = as_json("gc", "--keep-last", "1", cwd=proj)
+    assert rep["deleted_snapshots"] == [1, 2]
+    assert rep["objects"] == 2, rep  # the two old models are unreferenced now
+    assert rep["freed_bytes"] >= 2 * LOOSE
+    assert count_loose(proj / ".snapfs") == loose - 2
+
+
+def test_a_nested_project_state_is_not_part_of_the_outer_project(tmp_path: Path) -> None:
+    outer = tmp_path / "outer"
+    write(outer, "a.txt", "a")
+    write(outer, "inner/b.txt", "b")
+    init(outer)
+    init(outer / "inner")
+    snap(outer / "inner")
+    added = as_json("-C", str(outer), "status")["added"]
+    assert "inner/b.txt" in added
+    leaked = [p for p in added if ".snapfs" in p.split("/")]
+    assert not leaked, f"the outer project would snapshot (and restore over) {leaked}"
+
+
 # ---- snapshot, list, status ------------------------------------------------------------------
 
 
@@ -197,7 +259,7 @@ def test_snapshot_prints_the_id_and_json(project_dir: Path) -> None:
         assert {"id", "label", "kind", "created", "files", "bytes"} <= s.keys()
         assert s["kind"] == "manual"
         assert s["files"] == 4  # a.txt, src/main.py, bin/run.sh, data/blob.bin
-        assert s["bytes"] == 6 + 12 + 20 + 40_000
+        assert s["bytes"] == len("alpha\n") + len("print('hi')\n") + len("#!/bin/sh\necho run\n") + 40_000
         assert s["created"]
     assert [s["label"] for s in snaps] == ["first one", ""]
 
@@ -241,8 +303,46 @@ def test_status_json_spells_non_utf8_names_with_surrogate_escapes(project_dir: P
         os.unlink(base + b"/" + n)
     deleted = as_json("-C", str(project_dir), "status")["deleted"]
     assert sorted(os.fsencode(d) for d in deleted) == sorted(names)
-    diffed = as_json("-C", str(project_dir), "diff", "1", "2")
+    r = cli("-C", str(project_dir), "diff", "1", "2", "--json")
+    assert r.returncode == 1
+    diffed = json.loads(r.stdout)
     assert sorted(os.fsencode(a) for a in diffed["added"]) == sorted(names)
+
+
+def test_plain_output_with_non_utf8_names_on_a_utf8_terminal(project_dir: Path) -> None:
+    """Plain (non-JSON) output never crashes on a name that is not UTF-8. PYTHONIOENCODING=utf-8
+    gives stdout the strict UTF-8 encoding a typical desktop locale (en_US.UTF-8) has."""
+    utf8 = {"PYTHONIOENCODING": "utf-8"}
+    base = os.fsencode(project_dir)
+    content = os.urandom(LOOSE)
+    with open(base + b"/weights\xfe.bin", "wb") as f:
+        f.write(content)
+    init(project_dir)
+    snap(project_dir)
+    with open(base + b"/new\xff.txt", "wb") as f:
+        f.write(b"n")
+    C = ("-C", str(project_dir))
+    for args, code in ((["status"], 0), (["diff", "1"], 1), (["restore", "1", "--dry-run"], 0)):
+        r = cli(*C, *args, env=utf8)
+        assert r.returncode == code, (args, r.stderr)
+        assert "new" in r.stdout
+    damage(loose_object(project_dir / ".snapfs", content))
+    r = cli(*C, "verify", env=utf8)
+    assert "internal error" not in r.stderr, r.stderr
+    assert r.returncode == 1, r.stderr
+    assert "weights" in r.stdout
+
+
+def test_verify_names_a_missing_object(project_dir: Path) -> None:
+    content = os.urandom(LOOSE)
+    write(project_dir, "models/gone.bin", content)
+    write(project_dir, "kept.txt", "k")
+    init(project_dir)
+    snap(project_dir)
+    os.unlink(loose_object(project_dir / ".snapfs", content))
+    r = cli("-C", str(project_dir), "verify")
+    assert r.returncode == 1
+    assert "models/gone.bin" in r.stdout and "kept.txt" not in r.stdout
 
 
 # ---- diff ----------------------------------------------------------------------------------
@@ -307,11 +407,15 @@ def test_restore_dry_run_prints_the_plan_and_changes_nothing(project_dir: Path) 
     snaps = listing(project_dir)
 
     r = ok("-C", str(project_dir), "restore", str(sid), "--dry-run")
-    for path in ("a.txt", "new/file.txt", "data/blob.bin", "bin/run.sh", "empty/inner"):
-        assert path in r.stdout, f"the plan does not mention {path}:\n{r.stdout}"
+    for path in ("a.txt", "new", "data/blob.bin", "bin/run.sh", "empty/inner", "link"):
+        # one plan line per path (a whole new directory goes in one step)
+        assert re.search(rf"\s{re.escape(path)}/?(\s|$)", r.stdout, re.M), (
+            f"the plan does not mention {path}:\n{r.stdout}"
+        )
+    assert "src/main.py" not in r.stdout.replace("-> src/main.py", "")  # unchanged: not in it
     assert tree_state(project_dir) == state
     assert listing(project_dir) == snaps  # not even a pre-restore snapshot
-    assert as_json("-C", str(project_dir), "status")["added"] == ["new/file.txt"]
+    assert as_json("-C", str(project_dir), "status")["added"] == ["new/", "new/file.txt"]
 
 
 def test_restore_ids_latest_and_latest_tilde_n(project_dir: Path) -> None:
@@ -331,15 +435,16 @@ def test_restore_ids_latest_and_latest_tilde_n(project_dir: Path) -> None:
     assert tree_state(project_dir) == states[1]
 
 
-@pytest.mark.parametrize("bad", ["99", "latest~9", "nope", "0", "1.5"])
-def test_restore_unknown_id_is_a_one_line_usage_error(project_dir: Path, bad: str) -> None:
+def test_restore_unknown_id_is_a_one_line_usage_error(project_dir: Path) -> None:
     init(project_dir)
     write(project_dir, "f.txt", "1")
     snap(project_dir)
     write(project_dir, "f.txt", "2")
     state = tree_state(project_dir)
-    assert_one_line_error(cli("-C", str(project_dir), "restore", bad, "--yes"), 2)
+    for bad in ("99", "latest~9", "nope", "0", "1.5"):
+        assert_one_line_error(cli("-C", str(project_dir), "restore", bad, "--yes"), 2)
     assert tree_state(project_dir) == state
+    assert len(listing(project_dir)) == 1
 
 
 def test_restore_without_yes_proceeds_when_stdin_is_not_a_terminal(project_dir: Path) -> None:
@@ -555,10 +660,10 @@ def test_gc_keep_within_keeps_recent_snapshots(project_dir: Path) -> None:
     assert ok(*C, "verify").returncode == 0
 
 
-@pytest.mark.parametrize("duration", ["1x", "1.5h", "-1h", ""])
-def test_gc_bad_duration_is_a_usage_error(project_dir: Path, duration: str) -> None:
+def test_gc_bad_duration_is_a_usage_error(project_dir: Path) -> None:
     _three_versions(project_dir)
-    assert_one_line_error(cli("-C", str(project_dir), "gc", "--keep-within", duration), 2)
+    for duration in ("1x", "1.5h", "-1h", ""):
+        assert_one_line_error(cli("-C", str(project_dir), "gc", "--keep-within", duration), 2)
     assert len(listing(project_dir)) == 3
 
 
