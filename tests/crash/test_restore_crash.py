@@ -33,7 +33,7 @@ TARGET_ID = "1"
 # Crash points hit after .snapfs/intent.json is durable: recovery must land on the target.
 AFTER_INTENT = ("restore.intent_written", "restore.after_op", "restore.after_rename", "restore.applied")
 # Crash points hit by the pre-restore snapshot, before any intent exists: the tree is untouched.
-BEFORE_INTENT = ("snapshot.objects_synced", "snapshot.objects_renamed")
+BEFORE_INTENT = ("snapshot.objects_synced", "snapshot.objects_renamed", "snapshot.index_committed")
 
 
 # ---- the scenario ---------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def leftovers(root: Path) -> list[str]:
     state = root / ".snapfs"
     found = [f"staging/{n}" for n in os.listdir(state / "staging")]
     found += [f"tmp/{n}" for n in os.listdir(state / "tmp")] if (state / "tmp").exists() else []
-    found += [n for n in os.listdir(state) if n.startswith(".tmp-")]
+    found += [n for n in os.listdir(state) if n.startswith(".")]  # .tmp-*, .index-<pid>
     if (state / "intent.json").exists():
         found.append("intent.json")
     return found
@@ -230,6 +230,7 @@ CASES = [
     ("restore.applied", "first", "target"),
     ("snapshot.objects_synced", "first", "pre"),
     ("snapshot.objects_renamed", "first", "pre"),
+    ("snapshot.index_committed", "first", "pre"),
 ]
 
 
@@ -255,6 +256,7 @@ def test_crash_point_hit_counts_match_the_plan(tmp_path: Path) -> None:
     assert hits == {
         "snapshot.objects_synced": 1,
         "snapshot.objects_renamed": 1,
+        "snapshot.index_committed": 1,
         "restore.intent_written": 1,
         "restore.after_op": sc.plan_ops,
         "restore.after_rename": sc.renames,
@@ -324,6 +326,7 @@ def _sweep_specs(sc: Scenario, sample: int | None) -> list[tuple[str, int]]:
     totals = {
         "snapshot.objects_synced": 1,
         "snapshot.objects_renamed": 1,
+        "snapshot.index_committed": 1,
         "restore.intent_written": 1,
         "restore.after_op": sc.plan_ops,
         "restore.after_rename": sc.renames,

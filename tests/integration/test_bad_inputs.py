@@ -37,6 +37,22 @@ def test_project_path_that_is_not_a_directory(tmp_path: Path) -> None:
     assert not (tmp_path / "missing").exists()
 
 
+def test_project_whose_own_path_is_not_utf8(tmp_path: Path) -> None:
+    """Linux paths are bytes: a project may live in a folder whose name is not valid UTF-8."""
+    proj = os.fsdecode(os.fsencode(tmp_path) + b"/proj\xff")
+    os.mkdir(proj)
+    write(Path(proj), "f.txt", "v1")
+    r = run_cli("-C", proj, "init", input="")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("-C", proj, "snapshot", input="")
+    assert r.returncode == 0, r.stderr
+    expected = tree_state(proj)
+    write(Path(proj), "f.txt", "v2")
+    r = run_cli("restore", "1", "--yes", cwd=proj, input="")
+    assert r.returncode == 0, r.stderr
+    assert tree_state(proj) == expected
+
+
 # ---- a tree that cannot be read ----------------------------------------------------------------
 
 _NO_DAC = "dac_override,dac_read_search"
