@@ -130,9 +130,11 @@ class FilesystemError(SnapfsError, OSError):
 _NO_SPACE = {_errno.ENOSPC, _errno.EDQUOT}
 
 
-def from_oserror(exc: OSError, operation: str, path: str | bytes | None = None) -> SnapfsError:
+def from_oserror(
+    exc: OSError, operation: str, path: str | bytes | os.PathLike[str] | None = None
+) -> SnapfsError:
     """Turn an OSError into a one-line, plain-language snapfs error naming what and where."""
-    where = os.fsdecode(path if path is not None else (exc.filename or "")) or "?"
+    where = os.fsdecode(os.fspath(path) if path is not None else (exc.filename or "")) or "?"
     reason = exc.strerror or str(exc)
     err: SnapfsError
     if exc.errno in _NO_SPACE:

@@ -92,7 +92,7 @@ def make_durable(files: list[str | bytes], dirs: list[str | bytes], fs_fd: int) 
         fsync_dir(d)
 
 
-def fsync_dir(path: str | bytes) -> None:
+def fsync_dir(path: str | bytes | os.PathLike[str]) -> None:
     """fsync a directory, so renames and creations inside it survive power loss."""
     fd = os.open(path, DIR_FLAGS)
     try:
@@ -101,9 +101,9 @@ def fsync_dir(path: str | bytes) -> None:
         os.close(fd)
 
 
-def write_file_atomic(path: str | bytes, data: bytes, mode: int = 0o644) -> None:
+def write_file_atomic(path: str | bytes | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` so that readers see either the old or the whole new file."""
-    path = os.fsencode(path)
+    path = os.fsencode(os.fspath(path))
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, b".tmp-" + name + b"-" + str(os.getpid()).encode())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)

@@ -29,7 +29,7 @@ def hash_fd(fd: int) -> tuple[Oid, int]:
 
 def read_all(fd: int) -> bytes:
     """Everything from the current offset to EOF."""
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         block = os.read(fd, READ_BLOCK)
         if not block:

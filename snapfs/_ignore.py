@@ -48,4 +48,4 @@ class Ignore:
             return True
         if self._spec is None:
             return False
-        return self._spec.match_file(os.fsdecode(relpath))
+        return bool(self._spec.match_file(os.fsdecode(relpath)))

@@ -38,6 +38,8 @@ import xxhash
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
+    import zstandard
+
 from ._config import Config
 from ._crash import crash_point
 from ._errors import ObjectCorrupt, ObjectMissing, SealBroken, UsageError
@@ -71,10 +73,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
 
-def _zstd() -> object:
+def _compressor(level: int) -> zstandard.ZstdCompressor:
     import zstandard  # imported on first use: it is not needed to read a clean tree
 
-    return zstandard
+    return zstandard.ZstdCompressor(level=level)
 
 
 def _decompress(payload: bytes, size: int) -> bytes:
@@ -587,8 +589,7 @@ class IngestBatch:
     def _compress(self, data: bytes) -> bytes:
         c = getattr(self._local, "c", None)
         if c is None:
-            zstandard = _zstd()
-            c = zstandard.ZstdCompressor(level=self.config.compress_level)  # type: ignore[attr-defined]
+            c = _compressor(self.config.compress_level)
             self._local.c = c
         return bytes(c.compress(data))
 

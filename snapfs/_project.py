@@ -317,7 +317,8 @@ class Project:
             raise UsageError(f"Unknown snapshot kind {kind!r} (one of {', '.join(KINDS)}).")
         with self._write_lock(f"snapshot {label}".strip()):
             self._recover_locked()
-            sid = self._snapshot_locked(label, kind, progress)
+            sid, _root = self._snapshot_locked(label, kind, progress)
+            assert sid is not None
             row = self.state.snapshot(sid)
             assert row is not None
             return SnapshotInfo.of(row)
@@ -330,7 +331,9 @@ class Project:
         *,
         set_head: bool = True,
         skip_if_root: Oid | None = None,
-    ) -> int:
+    ) -> tuple[int | None, Oid]:
+        """Scan and store the tree. Returns (new snapshot id, root); the id is None when the
+        root equals ``skip_if_root`` and so nothing was recorded."""
         t0 = time.monotonic()
         self.store.sweep_leftovers()
         self.store.lock.acquire(shared=True, wait=True)
@@ -349,13 +352,13 @@ class Project:
                 if skip_if_root is not None and res.root == skip_if_root:
                     batch.abort()
                     self.state.update_cache(res.cache_updates, res.cache_deletes)
-                    return -1
+                    return None, res.root
                 batch.commit()
                 new_objects = batch.new_objects_committed
             except BaseException:
                 batch.abort()
                 raise
-            return self.state.add_snapshot(
+            sid = self.state.add_snapshot(
                 kind=kind,
                 label=label,
                 root=res.root,
@@ -369,6 +372,7 @@ class Project:
                 cache_deletes=res.cache_deletes,
                 set_head=set_head,
             )
+            return sid, res.root
         finally:
             self.store.lock.release()
 
@@ -392,15 +396,14 @@ class Project:
             head = self.state.head
             head_row = self.state.snapshot(head) if head is not None else None
             # The state being left is saved first, unless HEAD already records it exactly.
-            pre = self._snapshot_locked(
+            pre, current = self._snapshot_locked(
                 f"before restoring {target.id}",
                 "pre-restore",
                 progress,
                 set_head=False,
                 skip_if_root=head_row.root if head_row else None,
             )
-            current = self.state.snapshot(pre).root if pre > 0 else head_row.root  # type: ignore[union-attr]
-            undo = pre if pre > 0 else head
+            undo = pre if pre is not None else head
             if current == target.root:
                 self.state.set_meta("head", str(target.id))
                 return RestoreResult(target.id, undo, [], 0)
@@ -442,7 +445,7 @@ class Project:
         self, intent: Intent, puts: list[tuple[bytes, Any]], removed: Iterable[bytes]
     ) -> None:
         cache = self.state.load_cache()
-        gone = set()
+        gone: set[bytes] = set()
         for r in removed:
             prefix = r + b"/"
             gone.update(p for p in cache if p == r or p.startswith(prefix))

@@ -1,0 +1,21 @@
+"""The public surface is declared once, in snapfs.__all__, and nothing else leaks out."""
+
+import snapfs
+
+
+def test_all_is_exactly_the_public_names() -> None:
+    public = {n for n in vars(snapfs) if not n.startswith("_")}
+    assert set(snapfs.__all__) == public | {"__version__"}
+
+
+def test_errors_subclass_the_matching_builtins() -> None:
+    assert issubclass(snapfs.SnapshotNotFound, LookupError)
+    assert issubclass(snapfs.NotAProject, FileNotFoundError)
+    assert issubclass(snapfs.LockBusy, BlockingIOError)
+    assert issubclass(snapfs.DiskFull, OSError)
+    assert issubclass(snapfs.UsageError, ValueError)
+    for name in snapfs.__all__:
+        obj = getattr(snapfs, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, snapfs.SnapfsError)
+            assert obj.exit_code in (1, 2, 3)
