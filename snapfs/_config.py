@@ -80,8 +80,8 @@ _ENV = {
 def _coerce(name: str, value: Any, base: Path | None) -> Any:
     try:
         if name == "store":
-            p = Path(os.path.expanduser(str(value)))
-            return (base / p) if base is not None and not p.is_absolute() else p.absolute()
+            p = Path(os.path.expanduser(os.fsdecode(value)))
+            return ((base / p) if base is not None and not p.is_absolute() else p).resolve()
         if name == "link_mode":
             return LinkMode(str(value).lower())
         if name in ("hardlink_threshold", "pack_threshold"):

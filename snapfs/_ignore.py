@@ -1,6 +1,6 @@
 """Ignore rules: ``.snapfsignore`` at the project root, in gitignore syntax.
 
-``.snapfs/`` itself is always ignored. An ignored path is neither snapshotted nor deleted or
+``.snapfs/`` itself is always ignored, at any depth (a nested project's state is its own). An ignored path is neither snapshotted nor deleted or
 reverted by a restore.
 """
 
@@ -44,8 +44,8 @@ class Ignore:
 
     def __call__(self, relpath: bytes) -> bool:
         """Is this project-relative path ignored? Directories are passed with a trailing slash."""
-        if relpath == STATE_DIR or relpath.startswith(STATE_DIR + b"/"):
-            return True
+        if STATE_DIR in relpath.split(b"/"):
+            return True  # snapfs state, this project's or a nested project's
         if self._spec is None:
             return False
         return bool(self._spec.match_file(os.fsdecode(relpath)))

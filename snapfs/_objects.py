@@ -219,15 +219,16 @@ class ObjectStore:
 
     # ---- projects sharing this store ----------------------------------------------------
     def register_project(self, root: Path, db: Path) -> None:
+        # Paths as raw bytes: a project folder's name need not be valid UTF-8.
         with self.db:
             self.db.execute(
                 "INSERT OR REPLACE INTO projects VALUES (?, ?, strftime('%s','now'))",
-                (str(root), str(db)),
+                (os.fsencode(root), os.fsencode(db)),
             )
 
     def projects(self) -> list[tuple[Path, Path]]:
         rows = self.db.execute("SELECT root, db FROM projects").fetchall()
-        return [(Path(r), Path(d)) for r, d in rows]
+        return [(_as_path(r), _as_path(d)) for r, d in rows]
 
     # ---- seals --------------------------------------------------------------------------
     def seal_of(self, oid: Oid) -> Seal | None:
@@ -629,7 +630,12 @@ class IngestBatch:
             try:
                 reflink_fd(fd, dst)
             except OSError as exc:
-                if exc.errno not in NOT_SUPPORTED or forced:
+                if exc.errno in NOT_SUPPORTED and forced:
+                    raise UsageError(
+                        "This filesystem can't make reflinks, and link_mode is set to 'reflink'.",
+                        hint='Set link_mode = "auto" in .snapfs/config (or SNAPFS_LINK_MODE).',
+                    ) from exc
+                if exc.errno not in NOT_SUPPORTED:
                     raise
                 self.store._reflink_ok = False
                 os.close(dst)
@@ -877,6 +883,10 @@ def _unlink_quiet(path: Path | str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _as_path(value: bytes | str) -> Path:
+    return Path(os.fsdecode(bytes(value)) if not isinstance(value, str) else value)
 
 
 def _dead_owner(name: str) -> bool:

@@ -27,6 +27,7 @@ from ._errors import (
     SnapshotNotFound,
     StateCorrupt,
     UsageError,
+    from_oserror,
 )
 from ._fsops import LinkMode
 from ._hashing import Oid, hash_bytes
@@ -127,7 +128,7 @@ def parse_duration(text: str) -> float:
 
 def find_root(start: Path) -> Path:
     """The project containing ``start``: the nearest ancestor with a .snapfs/ state dir."""
-    start = start.absolute()
+    start = start.resolve()  # a symlink to the project is the project
     if not start.exists():
         raise ProjectPathError(f"{start} does not exist.")
     if not start.is_dir():
@@ -148,7 +149,7 @@ def init(
     **overrides: Any,
 ) -> Project:
     """Make ``path`` a snapfs project (idempotent) and open it."""
-    root = Path(path).absolute()
+    root = Path(path).resolve()
     if not root.exists():
         raise ProjectPathError(f"{root} does not exist.")
     if not root.is_dir():
@@ -158,21 +159,34 @@ def init(
     state_dir = root / STATE_DIR
     config = load_config(root, env, {**overrides, "store": store})
     store_root = config.store or state_dir
-    state_dir.mkdir(exist_ok=True)
-    (state_dir / "staging").mkdir(exist_ok=True)
-    st = ProjectState(state_dir / "project.db")
+    recorded: Path | None = None
+    if (state_dir / "project.db").is_file():
+        st = ProjectState(state_dir / "project.db")
+        try:
+            recorded = st.get_path("store")
+        finally:
+            st.close()
+    if recorded is not None and config.store is not None and recorded != store_root:
+        raise UsageError(f"{root} already uses the store {recorded}.")
+    store_root = recorded or store_root
     try:
-        recorded = st.get_meta("store")
-        if recorded is None:
-            st.set_meta("store", str(store_root))
-            st.set_meta("created", str(time.time()))
-        elif Path(recorded) != store_root and config.store is not None:
-            raise UsageError(f"{root} already uses the store {recorded}.")
+        state_dir.mkdir(exist_ok=True)
+        (state_dir / "staging").mkdir(exist_ok=True)
+        # The store first: a project must never record a store that doesn't exist.
+        objects = ObjectStore.create(store_root, config)
+    except OSError as exc:
+        raise from_oserror(exc, "Creating the snapfs store", store_root) from exc
+    try:
+        objects.register_project(root, state_dir / "project.db")
     finally:
-        st.close()
-    objects = ObjectStore.create(Path(store_root), config)
-    objects.register_project(root, state_dir / "project.db")
-    objects.close()
+        objects.close()
+    if recorded is None:
+        st = ProjectState(state_dir / "project.db")
+        try:
+            st.set_path("store", store_root)
+            st.set_meta("created", str(time.time()))
+        finally:
+            st.close()
     return Project(root, config)
 
 
@@ -200,8 +214,7 @@ class Project:
         self.root = root
         self.state_dir = root / STATE_DIR
         self.state = ProjectState(self.state_dir / "project.db")
-        recorded = self.state.get_meta("store")
-        store_root = Path(recorded) if recorded else self.state_dir
+        store_root = self.state.get_path("store") or self.state_dir
         if config.store is not None and config.store != store_root:
             self.state.close()
             raise UsageError(

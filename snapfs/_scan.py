@@ -188,8 +188,8 @@ def scan(
         with it:
             for de in it:
                 name = fsencode(de.name)
-                if not rel and name == STATE_DIR:
-                    continue  # snapfs's own state is never part of a snapshot
+                if name == STATE_DIR:
+                    continue  # snapfs state (this project's or a nested one's) is never snapshotted
                 relpath = prefix + name
                 try:
                     st = de.stat(follow_symlinks=False)

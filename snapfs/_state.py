@@ -93,6 +93,18 @@ class ProjectState:
             else:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def get_path(self, key: str) -> Path | None:
+        """A filesystem path kept as raw bytes, so names that aren't UTF-8 survive."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        v = row[0]
+        return Path(os.fsdecode(bytes(v) if isinstance(v, bytes | memoryview) else v.encode()))
+
+    def set_path(self, key: str, path: Path) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, os.fsencode(path)))
+
     @property
     def head(self) -> int | None:
         v = self.get_meta("head")

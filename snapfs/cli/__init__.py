@@ -26,6 +26,7 @@ from .render import (
     print_plan,
     print_snapshots,
     progress_printer,
+    safe,
 )
 
 
@@ -65,7 +66,10 @@ def cli(
     ctx: click.Context, path: str | None, store: str | None, debug: bool, no_wait: bool
 ) -> None:
     """Crash-safe snapshots and rollback for project folders."""
-    ctx.obj = Ctx(path, store or os.environ.get("SNAPFS_STORE") or None, debug, no_wait)
+    store = store or os.environ.get("SNAPFS_STORE") or None
+    if path and store and not os.path.isabs(os.path.expanduser(store)):
+        store = os.path.join(path, store)  # -C PATH: as if started in PATH, like git
+    ctx.obj = Ctx(path, store, debug, no_wait)
 
 
 @cli.command()
@@ -75,7 +79,7 @@ def init(c: Ctx) -> None:
     already = (Path(c.path or ".") / ".snapfs" / "project.db").exists()
     with snapfs.init(c.path or ".", store=c.store, env=dict(os.environ)) as p:
         verb = "Already a snapfs project" if already else "Initialized snapfs project"
-        click.echo(f"{verb}: {p.root} (store: {p.store.root})")
+        click.echo(safe(f"{verb}: {p.root} (store: {p.store.root})"))
 
 
 @cli.command()
@@ -217,7 +221,7 @@ def verify(c: Ctx, as_json: bool) -> None:
     else:
         for pr in rep.problems:
             where = "; ".join(pr.paths) if pr.paths else ""
-            click.echo(f"{pr.kind.upper()}: {where + ': ' if where else ''}{pr.message}")
+            click.echo(safe(f"{pr.kind.upper()}: {where + ': ' if where else ''}{pr.message}"))
         verdict = "OK" if rep.ok else f"{len(rep.problems)} problem(s)"
         click.echo(f"{verdict}: checked {rep.objects} objects and {rep.trees} trees.")
     if not rep.ok:
@@ -239,11 +243,12 @@ def gc(
     if as_json:
         click.echo(json.dumps(rep.__dict__))
         return
-    would = "Would delete" if dry_run else "Deleted"
-    snaps = ", ".join(map(str, rep.deleted_snapshots)) or "no"
+    ids = rep.deleted_snapshots
+    snaps = f"snapshots {', '.join(map(str, ids))}" if ids else "no snapshots"
     click.echo(
-        f"{would} {snaps} snapshot(s), {rep.objects} object(s), {rep.trees} tree(s);"
-        f" {'would free' if dry_run else 'freed'} {human_bytes(rep.freed_bytes)}."
+        f"{'Would delete' if dry_run else 'Deleted'} {snaps}, {rep.objects} unused object(s)"
+        f" and {rep.trees} tree(s); {'would free' if dry_run else 'freed'}"
+        f" {human_bytes(rep.freed_bytes)}."
     )
 
 
@@ -254,7 +259,7 @@ def recover(c: Ctx, discard: bool) -> None:
     """Finish work a crash interrupted (done automatically by the next command too)."""
     path = c.path or "."
     with snapfs.open(path, store=c.store, env=dict(os.environ), recover=False) as p:
-        click.echo(p.recover(discard=discard, progress=progress_printer()))
+        click.echo(safe(p.recover(discard=discard, progress=progress_printer())))
 
 
 @cli.command()
@@ -282,12 +287,13 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("Aborted; nothing was changed.", err=True)
         sys.exit(ExitCode.ERROR)
     except click.ClickException as exc:
-        exc.show()
+        hint = " (see 'snapfs --help')" if isinstance(exc, click.UsageError) else ""
+        click.echo(f"snapfs: {safe(exc.format_message())}{hint}", err=True)
         sys.exit(ExitCode.USAGE)
     except SnapfsError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"snapfs: {exc}", err=True)
+        click.echo(f"snapfs: {safe(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("snapfs: interrupted.", err=True)
@@ -295,13 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"snapfs: {snapfs_error_from(exc)}", err=True)
+        click.echo(f"snapfs: {safe(str(snapfs_error_from(exc)))}", err=True)
         sys.exit(ExitCode.ERROR)
     except Exception as exc:  # the last line of defence: one line, never a bare traceback
         if debug:
             traceback.print_exc()
         click.echo(
-            f"snapfs: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+            safe(f"snapfs: internal error: {type(exc).__name__}: {exc} (rerun with --debug)"),
             err=True,
         )
         sys.exit(ExitCode.ERROR)

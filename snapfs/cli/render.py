@@ -13,6 +13,11 @@ from snapfs._restore import Op
 from snapfs._scan import ProgressFn, no_progress
 
 
+def safe(text: str) -> str:
+    """Printable form of text that may hold undecodable bytes of a file name (PEP 383)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -34,7 +39,7 @@ def print_snapshots(snaps: Sequence[SnapshotInfo], head: int | None) -> None:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created))
         click.echo(
             f"{mark} {s.id:>4}  {created}  {s.kind:11}  {s.files:>7}  {human_bytes(s.bytes):>10}"
-            f"  {human_bytes(s.new_bytes):>10}  {s.label}"
+            f"  {human_bytes(s.new_bytes):>10}  {safe(s.label)}"
         )
 
 
@@ -42,7 +47,7 @@ def print_changes(ch: Changes) -> None:
     rows = [("A", p) for p in ch.added] + [("M", p) for p in ch.modified]
     rows += [("D", p) for p in ch.deleted]
     for mark, path in sorted(rows, key=lambda r: r[1]):
-        click.echo(f"{mark} {path!s}".encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        click.echo(safe(f"{mark} {path}"))
     click.echo(f"{len(ch.added)} added, {len(ch.modified)} modified, {len(ch.deleted)} deleted.")
 
 

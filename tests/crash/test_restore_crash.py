@@ -162,8 +162,14 @@ def crash_restore(sc: Scenario, spec: str) -> subprocess.CompletedProcess[str]:
     return r
 
 
-def recover_and_check(sc: Scenario, expect: str, label: str) -> str:
-    """Recover with an ordinary command and check every invariant. Returns 'pre' or 'target'."""
+def recover_and_check(
+    sc: Scenario, expect: str, label: str, *, from_is_head: bool = False
+) -> tuple[str, bool]:
+    """Recover with an ordinary command and check every invariant.
+
+    Returns where the tree landed ('pre' or 'target') and whether status is clean there.
+    ``from_is_head``: the pre-state is what HEAD recorded before the restore began.
+    """
     r = run_cli("-C", str(sc.root), "status", "--json")
     assert r.returncode == 0, f"{label}: status after crash failed: {r.stderr}"
     now = tree_state(sc.root)
@@ -175,14 +181,15 @@ def recover_and_check(sc: Scenario, expect: str, label: str) -> str:
     if expect != "either":
         assert landed == expect, f"{label}: recovered to the {landed} state, expected the {expect}"
     changes = json.loads(r.stdout)
-    # HEAD must agree with the tree: the target after a finished restore, snapshot 1 otherwise.
+    clean = not any(changes.values())
+    # HEAD must agree with the tree: the target after a finished restore, unchanged otherwise.
     if landed == "target":
-        assert changes == {"added": [], "modified": [], "deleted": []}, f"{label}: {changes}"
+        assert clean, f"{label}: HEAD is not the restored snapshot: {changes}"
     else:
-        assert any(changes.values()), f"{label}: status sees no change in the mutated tree"
+        assert clean == from_is_head, f"{label}: HEAD moved although the restore did not happen"
     v = run_cli("-C", str(sc.root), "verify")
     assert v.returncode == 0, f"{label}: verify after recovery: {v.stdout}{v.stderr}"
-    return landed
+    return landed, clean
 
 
 def assert_clean(sc: Scenario, left: list[str], label: str) -> None:
@@ -280,15 +287,25 @@ def _wait_then_kill(child: subprocess.Popen[bytes], ready: Callable[[], bool], d
 
 
 def test_sigkill_from_outside_during_large_restore(tmp_path: Path) -> None:
-    """Kill a 3000-file restore at seeded random moments, half of them after the intent exists."""
+    """Kill 3000-file restores at seeded random moments, half of them after the intent exists.
+
+    One project goes back and forth between its two states: each attempt restores towards the
+    state it is not in, and is killed from outside while it runs.
+    """
     rng = random.Random(7)
+    sc = make_scenario(tmp_path / "proj", files=3000)
+    state = sc.root / ".snapfs"
+    states = {"base": sc.target, "mutated": sc.pre}
+    current, head_clean = "mutated", False
     outcomes = []
-    for attempt in range(6):
-        sc = make_scenario(tmp_path / f"proj{attempt}", files=3000)
-        state = sc.root / ".snapfs"
+    for attempt in range(4):
+        goal = "base" if current == "mutated" else "mutated"
+        snaps = json.loads(run_cli("-C", str(sc.root), "list", "--json").stdout)
+        holding = [s["id"] for s in snaps if (s["root"] == snaps[0]["root"]) == (goal == "base")]
+        assert holding, f"attempt {attempt}: no snapshot holds the {goal} state"
         errlog = (tmp_path / f"stderr{attempt}").open("w+")
         child = subprocess.Popen(
-            [sys.executable, "-m", "snapfs", "-C", str(sc.root), "restore", TARGET_ID, "--yes"],
+            [sys.executable, "-m", "snapfs", "-C", str(sc.root), "restore", str(holding[0]), "--yes"],
             stdout=subprocess.DEVNULL,
             stderr=errlog,
         )
@@ -298,11 +315,10 @@ def test_sigkill_from_outside_during_large_restore(tmp_path: Path) -> None:
                 marker = f"pid {child.pid} "
                 lock = state / "lock"
                 ready = lambda: lock.exists() and marker in lock.read_text()  # noqa: E731
-                delay = rng.uniform(0.0, 0.4)
+                delay = rng.uniform(0.0, 0.5)
             else:
-                intent = state / "intent.json"
-                ready = intent.exists
-                delay = rng.uniform(0.0, 0.05)
+                ready = (state / "intent.json").exists
+                delay = rng.uniform(0.0, 0.1)
             killed = _wait_then_kill(child, ready, delay)
         finally:
             if child.poll() is None:
@@ -311,15 +327,19 @@ def test_sigkill_from_outside_during_large_restore(tmp_path: Path) -> None:
             errlog.seek(0)
             stderr = errlog.read()
             errlog.close()
-        label = f"attempt {attempt} ({'killed' if killed else 'finished'} after {delay:.3f}s)"
+        label = f"attempt {attempt}, {current} -> {goal} ({'killed' if killed else 'finished'})"
         assert child.returncode in (0, -signal.SIGKILL), f"{label}: exit {child.returncode}: {stderr}"
-        intent_written = (state / "intent.json").exists()
-        landed = recover_and_check(sc, "target" if intent_written or not killed else "either", label)
-        outcomes.append((attempt, killed, intent_written, landed, leftovers(sc.root)))
-    print("\noutside kills (attempt, killed, intent on disk, landed, leftovers):", *outcomes, sep="\n  ")
+        intent_on_disk = (state / "intent.json").exists()
+        step = Scenario(sc.root, states[goal], states[current], 0, 0)
+        expect = "target" if intent_on_disk or not killed else "either"
+        landed, head_clean = recover_and_check(step, expect, label, from_is_head=head_clean)
+        outcomes.append((label, f"intent on disk: {intent_on_disk}", f"landed: {landed}", leftovers(sc.root)))
+        if landed == "target":
+            current = goal
+    print("\noutside kills:", *outcomes, sep="\n  ")
     # Checked last, so one attempt's leftovers don't hide another attempt's wrong tree.
-    for attempt, killed, _i, _l, left in outcomes:
-        assert_clean(sc, left, f"attempt {attempt} ({'killed' if killed else 'finished'})")
+    for label, _i, _l, left in outcomes:
+        assert_clean(sc, left, label)
 
 
 def _sweep_specs(sc: Scenario, sample: int | None) -> list[tuple[str, int]]:

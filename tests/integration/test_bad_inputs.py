@@ -87,7 +87,9 @@ def _find_unprivileged() -> Unprivileged | str:
     candidates: list[Unprivileged] = []
     if setpriv:
         candidates.append(
-            Unprivileged((setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"), "nobody")
+            Unprivileged(
+                (setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"), "nobody"
+            )
         )
     if runuser:
         candidates.append(Unprivileged((runuser, "-u", "nobody", "--"), "nobody"))
@@ -303,7 +305,7 @@ def test_cli_restore_through_a_planted_symlink(project_dir: Path, outside: Outsi
     assert tree_state(project_dir) == expected
 
 
-# ---- FIFOs and sockets ----------------------------------------------------------------------------
+# ---- FIFOs and sockets ---------------------------------------------------------------------
 
 
 def _plant_socket(dest: Path) -> None:

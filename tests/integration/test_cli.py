@@ -180,6 +180,21 @@ def test_a_different_store_on_an_existing_project_is_a_usage_error(
     assert [s["id"] for s in listing(project_dir)] == [1]
 
 
+def test_project_reached_through_a_symlinked_path(tmp_path: Path) -> None:
+    """-C through a symlink (a symlinked home or workspace dir) is the same project as the real
+    path. The no-follow rule is for links inside the project, not for the way to its root."""
+    real = tmp_path / "real"
+    write(real, "f.txt", "v1")
+    link = tmp_path / "link"
+    os.symlink(real, link)
+    ok("-C", str(link), "init")
+    assert ok("-C", str(link), "snapshot").stdout.strip() == "1"
+    (real / "f.txt").write_text("v2")
+    ok("-C", str(link), "restore", "1", "--yes")
+    assert (real / "f.txt").read_text() == "v1"
+    assert as_json("-C", str(real), "status") == {"added": [], "modified": [], "deleted": []}
+
+
 def test_the_same_store_spelled_differently_is_the_same_store(tmp_path: Path) -> None:
     (tmp_path / "elsewhere").mkdir()
     roundabout = tmp_path / "elsewhere" / ".." / "store"  # the same directory as tmp_path/store
@@ -259,7 +274,9 @@ def test_snapshot_prints_the_id_and_json(project_dir: Path) -> None:
         assert {"id", "label", "kind", "created", "files", "bytes"} <= s.keys()
         assert s["kind"] == "manual"
         assert s["files"] == 4  # a.txt, src/main.py, bin/run.sh, data/blob.bin
-        assert s["bytes"] == len("alpha\n") + len("print('hi')\n") + len("#!/bin/sh\necho run\n") + 40_000
+        assert s["bytes"] == sum(
+            len(x) for x in ("alpha\n", "print('hi')\n", "#!/bin/sh\necho run\n")
+        ) + 40_000
         assert s["created"]
     assert [s["label"] for s in snaps] == ["first one", ""]
 
@@ -551,7 +568,9 @@ def test_rollback_restores_the_newest_checkpoint_not_a_pre_restore(project_dir: 
 
 
 @pytest.mark.parametrize("stored_as", ["loose", "packed-raw", "packed-zstd"])
-def test_verify_names_the_project_path_of_a_corrupt_object(project_dir: Path, stored_as: str) -> None:
+def test_verify_names_the_project_path_of_a_corrupt_object(
+    project_dir: Path, stored_as: str
+) -> None:
     if stored_as == "loose":
         content, other = os.urandom(LOOSE), b"fine"
     elif stored_as == "packed-raw":

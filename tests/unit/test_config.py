@@ -123,8 +123,9 @@ def test_library_never_reads_the_process_environment(
 
 def test_store_paths(fs: FakeFilesystem, root: Path) -> None:
     _config_file(fs, 'store = "../shared-store"\n')
-    # Relative to the project in the config file, so it means the same from any cwd.
-    assert load_config(root).store == ROOT / "../shared-store"
+    # Relative to the project in the config file, so it means the same from any cwd; resolved,
+    # so one store spelled two ways is recognised as the same store.
+    assert load_config(root).store == ROOT.parent / "shared-store"
     assert load_config(root, {"SNAPFS_STORE": "/srv/store"}).store == Path("/srv/store")
     assert load_config(root, None, {"store": "/elsewhere"}).store == Path("/elsewhere")
     assert load_config(root, None, {"store": Path("/p")}).store == Path("/p")
@@ -170,6 +171,7 @@ def test_bad_override_is_a_usage_error(root: Path, name: str, var: str, value: s
         "verify_restore = 0\n",
         "hardlink_threshold = -5\n",  # a negative size
         "hardlink_threshold = 1.5\n",
+        "hardlink_threshold = true\n",
         'hardlink_threshold = "huge"\n',
         "link_mode = 3\n",
     ],

@@ -69,7 +69,11 @@ def test_split_relpath_inverts_join(parts: list[bytes]) -> None:
     assert split_relpath(b"/".join(parts)) == parts
 
 
-@given(st.lists(component, max_size=4), st.lists(component, max_size=4), st.sampled_from([b"..", b".", b""]))
+@given(
+    st.lists(component, max_size=4),
+    st.lists(component, max_size=4),
+    st.sampled_from([b"..", b".", b""]),
+)
 def test_split_relpath_refuses_any_bad_component(
     head: list[bytes], tail: list[bytes], bad: bytes
 ) -> None:

@@ -117,7 +117,9 @@ def test_round_trip_property(entries: list[Entry]) -> None:
 # ---- damaged data ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data", [b"", b"SNT", b"SNT2", b"XXXX" + encode(_sample())[4:], b"\0" * 64])
+@pytest.mark.parametrize(
+    "data", [b"", b"SNT", b"SNT2", b"XXXX" + encode(_sample())[4:], b"\0" * 64]
+)
 def test_bad_header_is_state_corrupt(data: bytes) -> None:
     with pytest.raises(StateCorrupt):
         decode(data)
