@@ -34,8 +34,10 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "times": {k: _median([r["times"].get(k) for r in runs]) for k, _ in TIME_METRICS},
         "store_bytes": _median([r.get("store_bytes") for r in runs]),
+        "store_bytes_fs": _median([r.get("store_bytes_fs") for r in runs]),
         "exact": _joined([r.get("exact") for r in runs]),
         "leaked": _joined([r.get("leaked") for r in runs]),
+        "untouched": _joined([r.get("untouched") for r in runs]),
         "status_check": _joined([r.get("status_check") for r in runs]),
         "errors": [r["error"] for r in runs if r.get("error")],
     }
@@ -43,6 +45,10 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _fmt_s(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def _fmt_mb(v: float | None) -> str:
+    return "n/a" if v is None else f"{v / MB:.1f}"
 
 
 def _fmt_ratio(peer: float | None, base: float | None) -> str:
@@ -64,15 +70,11 @@ def medians_table(agg: dict[str, dict[str, Any]]) -> str:
     lines = _header(tools)
     for key, label in TIME_METRICS:
         lines.append(_row(label, [_fmt_s(agg[t]["times"][key]) for t in tools]))
+    lines.append(_row("store extra, du (MB)", [_fmt_mb(agg[t]["store_bytes"]) for t in tools]))
     lines.append(
-        _row(
-            "store extra disk (MB)",
-            [
-                "n/a" if agg[t]["store_bytes"] is None else f"{agg[t]['store_bytes'] / MB:.1f}"
-                for t in tools
-            ],
-        )
+        _row("store extra, fs blocks (MB)", [_fmt_mb(agg[t]["store_bytes_fs"]) for t in tools])
     )
+    lines.append(_row("project after 1st snapshot", [agg[t]["untouched"] for t in tools]))
     lines.append(_row("restore exact?", [agg[t]["exact"] for t in tools]))
     lines.append(_row("1st snapshot leaked edits", [agg[t]["leaked"] for t in tools]))
     lines.append(_row("status check", [agg[t]["status_check"] for t in tools]))
@@ -93,8 +95,9 @@ def ratio_table(agg: dict[str, dict[str, Any]], base: str = "snapfs") -> str:
         lines.append(
             _row(label.replace(" (s)", ""), [_fmt_ratio(agg[p]["times"][key], b) for p in peers])
         )
-    b = agg[base]["store_bytes"]
-    lines.append(_row("store extra disk", [_fmt_ratio(agg[p]["store_bytes"], b) for p in peers]))
+    for key, label in (("store_bytes", "store extra, du"), ("store_bytes_fs", "store extra, fs")):
+        b = agg[base][key]
+        lines.append(_row(label, [_fmt_ratio(agg[p][key], b) for p in peers]))
     return "\n".join(lines)
 
 

@@ -60,6 +60,8 @@ def fs_used_bytes(path: Path) -> int:
 
 class Tool(ABC):
     name: str = ""
+    # Metadata dir the tool keeps inside the project (excluded when sizing the project itself).
+    inner_store: str | None = None
 
     def __init__(self, area: Path) -> None:
         self.area = area
@@ -87,6 +89,10 @@ class Tool(ABC):
     def store_bytes(self) -> int:
         raise Unsupported
 
+    def project_bytes(self) -> int:
+        """du of the project without the tool's own metadata dir."""
+        return du_bytes([self.project], exclude=self.inner_store)
+
     def first_snapshot_dir(self) -> Path | None:
         """For tools whose snapshots are plain trees: the first one (checked for leaked edits)."""
         return None
@@ -105,6 +111,7 @@ def _which_reason(binary: str) -> str | None:
 
 class Snapfs(Tool):
     name = "snapfs"
+    inner_store = ".snapfs"
     # The working tree importable as `snapfs` even if not pip-installed.
     ENV: ClassVar[dict[str, str]] = {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -152,6 +159,7 @@ class Snapfs(Tool):
 
 class Git(Tool):
     name = "git"
+    inner_store = ".git"
     # gc.auto=0: a background `gc --auto` after the 20k-object commit would pollute later timings.
     ENV: ClassVar[dict[str, str]] = {
         "GIT_CONFIG_NOSYSTEM": "1",
@@ -343,26 +351,22 @@ class CpAl(_TreeSnapshots):
 
 
 class Reflink(Tool):
-    """`cp -a --reflink=always`: only the first snapshot is measured (XFS only)."""
+    """`cp -a --reflink=always`: only the first snapshot is measured (XFS only).
+
+    No du-based size: du cannot see shared extents (the runner's filesystem delta can).
+    """
 
     name = "cp-reflink"
 
     def __init__(self, area: Path) -> None:
         super().__init__(area)
         self.copies = 0
-        self.extra_bytes = 0
 
     def snapshot(self, label: str) -> None:
         if self.copies:
             raise Unsupported
-        before = fs_used_bytes(self.area)
         run(["cp", "-a", "--reflink=always", str(self.project), str(self.area / "snap1")])
         self.copies += 1
-        self.extra_bytes = fs_used_bytes(self.area) - before
-
-    def store_bytes(self) -> int:
-        # du cannot see shared extents; the filesystem's used-blocks delta can.
-        return self.extra_bytes
 
 
 ALL_TOOLS: dict[str, type[Tool]] = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -76,4 +77,9 @@ def diff(expected: Manifest, actual: Manifest) -> list[str]:
 
 
 def verdict(diffs: list[str]) -> str:
-    return "exact" if not diffs else f"NOT exact ({len(diffs)} diffs)"
+    """'exact', or 'NOT exact (N diffs: a missing, b mode, ...)' so the kind of damage shows."""
+    if not diffs:
+        return "exact"
+    kinds = Counter(d.split(":", 1)[0].split(" ", 1)[0] for d in diffs)
+    detail = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    return f"NOT exact ({len(diffs)} diffs: {detail})"

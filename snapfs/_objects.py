@@ -116,6 +116,7 @@ class Where:
 @dataclass(frozen=True, slots=True)
 class Ingested:
     oid: Oid
+    size: int  # bytes of content behind oid (the file may have grown since it was listed)
     stored: int  # bytes of disk this ingest added to the store
     st: os.stat_result  # the file's stat after ingest (sealing changes ctime and mode)
     racy: bool  # the file changed while being read: don't trust its stat next time
@@ -644,7 +645,7 @@ class IngestBatch:
                 return None
             self.store._reflink_ok = True
             # The clone is a frozen point-in-time copy: hash it, not the live file.
-            oid, _ = hash_fd(dst)
+            oid, size = hash_fd(dst)
         finally:
             if dst >= 0:
                 os.close(dst)
@@ -653,7 +654,7 @@ class IngestBatch:
             os.unlink(tmp)
         else:
             self._claim_loose(oid, tmp, None)
-        return Ingested(oid, 0, st, _changed(st, after))
+        return Ingested(oid, size, 0, st, _changed(st, after))
 
     def _try_hardlink(
         self, fd: int, st: os.stat_result, link_src: tuple[int, bytes], forced: bool
@@ -661,11 +662,11 @@ class IngestBatch:
         for _attempt in range(3):
             before = os.fstat(fd)
             os.lseek(fd, 0, os.SEEK_SET)
-            oid, _ = hash_fd(fd)
+            oid, size = hash_fd(fd)
             if _changed(before, os.fstat(fd)):
                 continue  # written while we hashed; a hardlink would capture a moving target
             if self._known(oid):
-                return Ingested(oid, 0, os.fstat(fd), False)
+                return Ingested(oid, size, 0, os.fstat(fd), False)
             tmp = self._tmpname()
             try:
                 os.link(link_src[1], tmp, src_dir_fd=link_src[0], follow_symlinks=False)
@@ -688,7 +689,7 @@ class IngestBatch:
                 os.unlink(tmp)
                 continue
             self._claim_loose(oid, tmp, Seal.of(after))
-            return Ingested(oid, 0, after, False)
+            return Ingested(oid, size, 0, after, False)
         return None  # kept changing: fall back to a copy of what we can read
 
     def _pack_small(self, fd: int, st: os.stat_result) -> Ingested:
@@ -702,7 +703,7 @@ class IngestBatch:
         stored = 0
         if fresh and oid not in self.store:
             stored = self._write_job([(oid, data)])
-        return Ingested(oid, stored, st, _changed(st, after))
+        return Ingested(oid, len(data), stored, st, _changed(st, after))
 
     def add_small(self, oid: Oid, data: bytes) -> None:
         """Queue a small file's content for the pack. Only the walker thread calls this."""
@@ -785,8 +786,8 @@ class IngestBatch:
         oid = h.digest()
         if self._known(oid) or not self._claim_loose(oid, tmp, None):
             _unlink_quiet(tmp)
-            return Ingested(oid, 0, st, _changed(st, after))
-        return Ingested(oid, _blocks(total) * BLOCK, st, _changed(st, after))
+            return Ingested(oid, total, 0, st, _changed(st, after))
+        return Ingested(oid, total, _blocks(total) * BLOCK, st, _changed(st, after))
 
     # -- finish
     @property

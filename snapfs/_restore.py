@@ -191,10 +191,15 @@ def apply_restore(
     sfd = os.open(staging, DIR_FLAGS)
     root_fd = os.open(root, DIR_FLAGS)
     try:
-        staged = _stage(plan, store, sfd, progress)
-        # Staged bytes durable before any rename can expose them under a final name.
-        make_durable([str(staging / n) for n in staged], [str(staging)], sfd)
-        write_intent(state_dir / "intent.json", intent)
+        try:
+            staged = _stage(plan, store, sfd, progress)
+            # Staged bytes durable before any rename can expose them under a final name.
+            make_durable([str(staging / n) for n in staged], [str(staging)], sfd)
+            write_intent(state_dir / "intent.json", intent)
+        except BaseException:
+            # Nothing in the project changed yet; give back the space staging took.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         crash_point("restore.intent_written")
         result = _apply(plan, root_fd, sfd, keep, progress)
         # The renames durable before the intent goes away.

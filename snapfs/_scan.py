@@ -167,8 +167,8 @@ def scan(
         try:
             if batch is not None:
                 return batch.ingest(fd, st, link_src)
-            oid, _ = hash_fd(fd)
-            return Ingested(oid, 0, st, _moved(st, os.fstat(fd)))
+            oid, size = hash_fd(fd)
+            return Ingested(oid, size, 0, st, _moved(st, os.fstat(fd)))
         finally:
             os.close(fd)
             if link_src is not None:
@@ -254,8 +254,9 @@ def scan(
                     if batch is not None:
                         batch.add_small(oid, data)
                     result.hashed += 1
+                    result.nbytes += len(data) - st.st_size  # it may have changed since listed
                     mode = stat.S_IMODE(m)
-                    items.append(Entry(name, Kind.FILE, mode, len(data), oid))
+                    items.append(Entry(name, FILE, mode, len(data), oid))
                     racy = _moved(st, after) or len(data) != st.st_size or is_racy(after, start_ns)
                     result.cache_updates.append((relpath, _cache_entry(after, mode, oid, racy)))
                     continue
@@ -348,7 +349,9 @@ def _build_trees(
                 result.stored += got.stored
                 st = got.st
                 mode = item.logical_mode(got)
-                entries.append(Entry(item.name, Kind.FILE, mode, item.st.st_size, got.oid))
+                # Record what was hashed: the file may have grown or shrunk since it was listed.
+                result.nbytes += got.size - item.st.st_size
+                entries.append(Entry(item.name, Kind.FILE, mode, got.size, got.oid))
                 result.cache_updates.append(
                     (
                         item.relpath,

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._errors import StateCorrupt
+from ._errors import DiskFull, FilesystemError, SnapfsError, StateCorrupt
 from ._hashing import Oid
 from ._index import CacheEntry, Index, load_index, save_index
 
@@ -39,6 +39,35 @@ CREATE TABLE IF NOT EXISTS trees (oid BLOB PRIMARY KEY, data BLOB NOT NULL);
 KINDS = ("manual", "auto", "pre-op", "pre-restore", "post", "pre-import")
 
 
+_SQLITE_FULL = 13
+_SQLITE_IOERR = 10
+_SQLITE_CANTOPEN = 14
+
+
+def from_sqlite(exc: sqlite3.Error, path: Path) -> SnapfsError:
+    """Name a SQLite failure for what it is: a full disk is not a damaged database."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code in (_SQLITE_FULL, _SQLITE_IOERR, _SQLITE_CANTOPEN) and _no_space(path):
+        return DiskFull(
+            f"snapfs can't update {path.name}: the disk is full.",
+            hint="Free some space and run the command again; nothing was lost.",
+        )
+    if code in (_SQLITE_IOERR, _SQLITE_CANTOPEN):
+        return FilesystemError(f"snapfs can't read or write {path} ({exc}).")
+    return StateCorrupt(
+        f"The snapfs state file {path} is damaged ({exc}).",
+        hint="Run 'snapfs verify'; restore it from a backup if you have one.",
+    )
+
+
+def _no_space(path: Path) -> bool:
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20 or st.f_favail == 0
+
+
 def connect(path: Path, schema: str) -> sqlite3.Connection:
     try:
         db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -47,10 +76,7 @@ def connect(path: Path, schema: str) -> sqlite3.Connection:
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(schema)
     except sqlite3.DatabaseError as exc:
-        raise StateCorrupt(
-            f"The snapfs state file {path} is damaged ({exc}).",
-            hint="Run 'snapfs verify'; restore it from a backup if you have one.",
-        ) from exc
+        raise from_sqlite(exc, path) from exc
     # isolation_level=None is autocommit; 'with db:' below needs explicit BEGIN for atomicity.
     db.isolation_level = "DEFERRED"
     return db

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import sys
 import traceback
 from pathlib import Path
@@ -19,6 +20,7 @@ import click
 import snapfs
 from snapfs import ExitCode, SnapfsError
 from snapfs._project import Project
+from snapfs._state import from_sqlite
 
 from .render import (
     human_bytes,
@@ -303,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         click.echo(f"snapfs: {safe(str(snapfs_error_from(exc)))}", err=True)
         sys.exit(ExitCode.ERROR)
+    except sqlite3.Error as exc:
+        if debug:
+            traceback.print_exc()
+        err = from_sqlite(exc, Path(".snapfs/project.db"))
+        click.echo(f"snapfs: {safe(str(err))}", err=True)
+        sys.exit(err.exit_code)
     except Exception as exc:  # the last line of defence: one line, never a bare traceback
         if debug:
             traceback.print_exc()

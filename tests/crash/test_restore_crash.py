@@ -10,6 +10,7 @@ store must verify, and no staging or temp files may be left behind.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import random
@@ -30,10 +31,6 @@ from tests.helpers import TreeState, run_cli, tree_state, write
 pytestmark = pytest.mark.crash
 
 TARGET_ID = "1"
-# Crash points hit after .snapfs/intent.json is durable: recovery must land on the target.
-AFTER_INTENT = ("restore.intent_written", "restore.after_op", "restore.after_rename", "restore.applied")
-# Crash points hit by the pre-restore snapshot, before any intent exists: the tree is untouched.
-BEFORE_INTENT = ("snapshot.objects_synced", "snapshot.objects_renamed", "snapshot.index_committed")
 
 
 # ---- the scenario ---------------------------------------------------------------------------
@@ -76,7 +73,9 @@ def mutate(root: Path, *, seed: int = 2) -> None:
     for p in paths[::5]:  # edits, some same-size
         os.chmod(p, 0o644)
         data = p.read_bytes()
-        p.write_bytes(bytes(b ^ 0xFF for b in data) if data and rng.random() < 0.5 else rng.randbytes(100))
+        p.write_bytes(
+            bytes(b ^ 0xFF for b in data) if data and rng.random() < 0.5 else rng.randbytes(100)
+        )
     for p in paths[1::9]:
         p.unlink()
     for p in paths[2::17]:
@@ -242,7 +241,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("point", "which", "expect"), CASES, ids=[f"{p}:{w}" for p, w, _ in CASES])
-def test_crash_at_named_point_recovers_exactly(tmp_path: Path, point: str, which: str, expect: str) -> None:
+def test_crash_at_named_point_recovers_exactly(
+    tmp_path: Path, point: str, which: str, expect: str
+) -> None:
     sc = make_scenario(tmp_path / "proj")
     n = resolve_hit(sc, point, which)
     label = f"{point}:{n}"
@@ -253,26 +254,70 @@ def test_crash_at_named_point_recovers_exactly(tmp_path: Path, point: str, which
     assert_clean(sc, left, label)
 
 
-def test_crash_point_hit_counts_match_the_plan(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "second", ["restore.intent_written", "restore.after_op:3", "restore.after_rename:2"]
+)
+def test_crash_during_recovery_recovers_exactly(tmp_path: Path, second: str) -> None:
+    """Recovery is a restore too: killing it part-way must still end at the target."""
     sc = make_scenario(tmp_path / "proj")
-    count_file = tmp_path / "hits"
-    r = run_cli("-C", str(sc.root), "restore", TARGET_ID, "--yes", env={"SNAPFS_CRASH_COUNT": str(count_file)})
+    crash_restore(sc, f"restore.after_op:{sc.plan_ops // 2}")
+    r = run_cli("-C", str(sc.root), "status", env={"SNAPFS_CRASH_AT": second})
+    assert r.returncode == -signal.SIGKILL, f"recovery did not reach {second}: {r.stderr}"
+    assert (sc.root / ".snapfs/intent.json").exists()
+    recover_and_check(sc, "target", f"crash in recovery at {second}")
+    assert_clean(sc, leftovers(sc.root), second)
+    check_undo(sc, second)
+
+
+def count_hits(sc: Scenario, count_file: Path) -> list[str]:
+    """Run the restore to the end with SNAPFS_CRASH_COUNT; every point reached, in order."""
+    r = run_cli(
+        "-C",
+        str(sc.root),
+        "restore",
+        TARGET_ID,
+        "--yes",
+        env={"SNAPFS_CRASH_COUNT": str(count_file)},
+    )
     assert r.returncode == 0, r.stderr
     assert tree_state(sc.root) == sc.target
-    hits = collections.Counter(count_file.read_text().split())
-    assert hits == {
-        "snapshot.objects_synced": 1,
-        "snapshot.objects_renamed": 1,
-        "snapshot.index_committed": 1,
+    return count_file.read_text().split()
+
+
+def test_crash_point_hit_counts_match_the_plan(tmp_path: Path) -> None:
+    sc = make_scenario(tmp_path / "proj")
+    seq = count_hits(sc, tmp_path / "hits")
+    hits = collections.Counter(seq)
+    restore_hits = {k: v for k, v in hits.items() if k.startswith("restore.")}
+    assert restore_hits == {
         "restore.intent_written": 1,
         "restore.after_op": sc.plan_ops,
         "restore.after_rename": sc.renames,
         "restore.applied": 1,
     }
+    # The pre-restore snapshot stores new content once, through each of its durable steps.
+    snapshot_hits = {k: v for k, v in hits.items() if not k.startswith("restore.")}
+    assert {"snapshot.objects_synced", "snapshot.objects_renamed"} <= set(snapshot_hits)
+    assert all(k.startswith("snapshot.") and v == 1 for k, v in snapshot_hits.items()), hits
+    # The protocol's order: snapshot, intent, apply, done.
+    intent_at = seq.index("restore.intent_written")
+    assert all(k.startswith("snapshot.") for k in seq[:intent_at])
+    assert all(k in ("restore.after_op", "restore.after_rename") for k in seq[intent_at + 1 : -1])
+    assert seq[-1] == "restore.applied"
     assert leftovers(sc.root) == []
 
 
-def _wait_then_kill(child: subprocess.Popen[bytes], ready: Callable[[], bool], delay: float) -> bool:
+def _holds_lock(lock: Path, pid: int) -> bool:
+    """Has process ``pid`` taken the project lock? (The holder writes its pid into the file.)"""
+    try:
+        return f"pid {pid} " in lock.read_text()
+    except FileNotFoundError:
+        return False
+
+
+def _wait_then_kill(
+    child: subprocess.Popen[bytes], ready: Callable[[], bool], delay: float
+) -> bool:
     """Kill ``child`` ``delay`` seconds after ``ready()`` first holds. False if it exited first."""
     while not ready():
         if child.poll() is not None:
@@ -305,16 +350,23 @@ def test_sigkill_from_outside_during_large_restore(tmp_path: Path) -> None:
         assert holding, f"attempt {attempt}: no snapshot holds the {goal} state"
         errlog = (tmp_path / f"stderr{attempt}").open("w+")
         child = subprocess.Popen(
-            [sys.executable, "-m", "snapfs", "-C", str(sc.root), "restore", str(holding[0]), "--yes"],
+            [
+                sys.executable,
+                "-m",
+                "snapfs",
+                "-C",
+                str(sc.root),
+                "restore",
+                str(holding[0]),
+                "--yes",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=errlog,
         )
         try:
             if attempt % 2 == 0:
                 # Anywhere from the lock onwards: scan, pre-restore snapshot, staging or apply.
-                marker = f"pid {child.pid} "
-                lock = state / "lock"
-                ready = lambda: lock.exists() and marker in lock.read_text()  # noqa: E731
+                ready = functools.partial(_holds_lock, state / "lock", child.pid)
                 delay = rng.uniform(0.0, 0.5)
             else:
                 ready = (state / "intent.json").exists
@@ -328,12 +380,16 @@ def test_sigkill_from_outside_during_large_restore(tmp_path: Path) -> None:
             stderr = errlog.read()
             errlog.close()
         label = f"attempt {attempt}, {current} -> {goal} ({'killed' if killed else 'finished'})"
-        assert child.returncode in (0, -signal.SIGKILL), f"{label}: exit {child.returncode}: {stderr}"
+        assert child.returncode in (0, -signal.SIGKILL), (
+            f"{label}: exit {child.returncode}: {stderr}"
+        )
         intent_on_disk = (state / "intent.json").exists()
         step = Scenario(sc.root, states[goal], states[current], 0, 0)
         expect = "target" if intent_on_disk or not killed else "either"
         landed, head_clean = recover_and_check(step, expect, label, from_is_head=head_clean)
-        outcomes.append((label, f"intent on disk: {intent_on_disk}", f"landed: {landed}", leftovers(sc.root)))
+        outcomes.append(
+            (label, f"intent on disk: {intent_on_disk}", f"landed: {landed}", leftovers(sc.root))
+        )
         if landed == "target":
             current = goal
     print("\noutside kills:", *outcomes, sep="\n  ")
@@ -342,45 +398,53 @@ def test_sigkill_from_outside_during_large_restore(tmp_path: Path) -> None:
         assert_clean(sc, left, label)
 
 
-def _sweep_specs(sc: Scenario, sample: int | None) -> list[tuple[str, int]]:
-    totals = {
-        "snapshot.objects_synced": 1,
-        "snapshot.objects_renamed": 1,
-        "snapshot.index_committed": 1,
-        "restore.intent_written": 1,
-        "restore.after_op": sc.plan_ops,
-        "restore.after_rename": sc.renames,
-        "restore.applied": 1,
-    }
-    specs = [(p, n) for p, total in totals.items() for n in range(1, total + 1)]
+def _sweep_specs(seq: list[str], sample: int | None) -> list[tuple[str, int, str]]:
+    """(point, hit, expected landing) for every hit in a counted run, or an even sample of them.
+
+    A crash before the intent is on disk must leave the pre-state; from the intent on, the target.
+    """
+    specs: list[tuple[str, int, str]] = []
+    seen: collections.Counter[str] = collections.Counter()
+    landing = "pre"
+    for name in seq:
+        seen[name] += 1
+        if name == "restore.intent_written":
+            landing = "target"
+        specs.append((name, seen[name], landing))
     if sample is not None and len(specs) > sample:
-        singles = [s for s in specs if totals[s[0]] == 1]
-        rest = [s for s in specs if totals[s[0]] > 1]
-        step = len(rest) / (sample - len(singles))
-        specs = singles + [rest[int(i * step)] for i in range(sample - len(singles))]
-        # Always include each multi-hit point's last hit.
-        specs += [(p, t) for p, t in totals.items() if t > 1 and (p, t) not in specs]
+        singles = [s for s in specs if seen[s[0]] == 1]
+        lasts = [s for s in specs if seen[s[0]] > 1 and s[1] == seen[s[0]]]
+        rest = [s for s in specs if seen[s[0]] > 1 and s not in lasts]
+        want = max(0, sample - len(singles) - len(lasts))
+        picked = [rest[int(i * len(rest) / want)] for i in range(want)] if want else []
+        chosen = set(singles + lasts + picked)
+        specs = [s for s in specs if s in chosen]  # keep the order of the run
     return specs
 
 
 def _sweep(tmp_path: Path, sample: int | None) -> None:
     probe = make_scenario(tmp_path / "probe")
-    specs = _sweep_specs(probe, sample)
+    specs = _sweep_specs(count_hits(probe, tmp_path / "hits"), sample)
     failures: list[str] = []
-    for i, (point, n) in enumerate(specs):
+    for i, (point, n, expect) in enumerate(specs):
         sc = make_scenario(tmp_path / f"p{i}")
-        assert (sc.plan_ops, sc.renames) == (probe.plan_ops, probe.renames)  # deterministic scenario
+        assert (sc.plan_ops, sc.renames) == (
+            probe.plan_ops,
+            probe.renames,
+        )  # deterministic scenario
         label = f"{point}:{n}"
         try:
             crash_restore(sc, label)
-            recover_and_check(sc, "target" if point in AFTER_INTENT else "pre", label)
+            recover_and_check(sc, expect, label)
             assert_clean(sc, leftovers(sc.root), label)
         except AssertionError as exc:
             failures.append(f"{label}: {str(exc).splitlines()[0]}")
         finally:
             shutil.rmtree(sc.root, ignore_errors=True)
-    points = len({p for p, _ in specs})
-    print(f"\nrestore: 1 operation x {points} points x {len(specs)} hits tried, {len(failures)} failures")
+    points = len({p for p, _, _ in specs})
+    print(
+        f"\nrestore: 1 operation x {points} points x {len(specs)} hits tried, {len(failures)} failures"
+    )
     assert not failures, "\n".join(failures)
 
 

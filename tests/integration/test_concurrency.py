@@ -71,7 +71,9 @@ def lock_holder(root: Path, *, recover: bool = True) -> Iterator[subprocess.Pope
     )
     try:
         line = read_line(holder)
-        assert line == "locked\n", f"lock holder failed: {line!r} {holder.stderr.read() if holder.poll() is not None else ''}"  # type: ignore[union-attr]
+        assert line == "locked\n", (
+            f"lock holder failed: {line!r} {holder.stderr.read() if holder.poll() is not None else ''}"
+        )  # type: ignore[union-attr]
         yield holder
     finally:
         if holder.poll() is None:
@@ -95,7 +97,10 @@ def snapfs_popen(*args: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.pop("SNAPFS_STORE", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "snapfs", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        [sys.executable, "-m", "snapfs", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
 
 
@@ -150,7 +155,9 @@ def test_no_wait_fails_at_once_then_a_waiting_writer_succeeds(proj: Path) -> Non
 
         waiter = snapfs_popen("-C", str(proj), "snapshot", "-m", "waited")
         line = read_line(waiter, "stderr")
-        assert line.startswith("Waiting for another snapfs process") and f"pid {holder.pid} " in line
+        assert (
+            line.startswith("Waiting for another snapfs process") and f"pid {holder.pid} " in line
+        )
         assert "--no-wait" in line
         assert waiter.poll() is None, "the snapshot did not wait for the lock"
         assert snapshots(proj) == []  # nothing was written while the lock was held
@@ -166,8 +173,14 @@ def test_readers_do_not_wait_for_a_writer(proj: Path) -> None:
     assert run_cli("-C", str(proj), "snapshot").returncode == 0
     write(proj, "new.txt", "n")
     with lock_holder(proj):
-        for args, code in ((["status"], 0), (["status", "--json"], 0), (["list"], 0),
-                           (["list", "--json"], 0), (["diff", "1"], 1), (["verify"], 0)):
+        for args, code in (
+            (["status"], 0),
+            (["status", "--json"], 0),
+            (["list"], 0),
+            (["list", "--json"], 0),
+            (["diff", "1"], 1),
+            (["verify"], 0),
+        ):
             # A reader that blocked would hang until the timeout: the holder never lets go.
             r = run_cli("--no-wait", "-C", str(proj), *args, timeout=60)
             assert r.returncode == code, (args, r.returncode, r.stderr)
@@ -182,7 +195,9 @@ def test_reader_does_not_wait_for_a_writer_over_an_interrupted_restore(proj: Pat
     assert run_cli("-C", str(proj), "snapshot").returncode == 0
     for i in range(20):
         (proj / f"d1/f{i * 10 + 1}.txt").write_text("changed")
-    r = run_cli("-C", str(proj), "restore", "1", "--yes", env={"SNAPFS_CRASH_AT": "restore.after_op:5"})
+    r = run_cli(
+        "-C", str(proj), "restore", "1", "--yes", env={"SNAPFS_CRASH_AT": "restore.after_op:5"}
+    )
     assert r.returncode == -signal.SIGKILL
     assert (proj / ".snapfs/intent.json").exists()
     with lock_holder(proj, recover=False):  # a writer that hasn't got round to recovering yet
@@ -190,7 +205,11 @@ def test_reader_does_not_wait_for_a_writer_over_an_interrupted_restore(proj: Pat
         assert r.returncode == 0, r.stderr
         assert (proj / ".snapfs/intent.json").exists()  # the writer owns recovery meanwhile
     r = run_cli("-C", str(proj), "status", "--json")
-    assert r.returncode == 0 and json.loads(r.stdout) == {"added": [], "modified": [], "deleted": []}
+    assert r.returncode == 0 and json.loads(r.stdout) == {
+        "added": [],
+        "modified": [],
+        "deleted": [],
+    }
     assert not (proj / ".snapfs/intent.json").exists()
     assert tree_state(proj) == target
 
@@ -231,7 +250,7 @@ def test_two_projects_sharing_a_store_snapshot_at_once(tmp_path: Path) -> None:
     for p in procs:
         _, stderr = p.communicate(timeout=120)
         assert p.returncode == 0, stderr.decode()
-    for root, state in zip(roots, states):
+    for root, state in zip(roots, states, strict=True):
         r = run_cli("--store", str(store), "-C", str(root), "verify")
         assert r.returncode == 0, r.stdout + r.stderr
         os.unlink(root / "shared.bin")
@@ -273,7 +292,7 @@ def test_threads_in_one_process_snapshot_projects_sharing_a_store(tmp_path: Path
         t.join(timeout=300)
     try:
         assert not errors, f"a concurrent snapshot failed: {errors[0]!r}"
-        for p, state in zip(projects, states):
+        for p, state in zip(projects, states, strict=True):
             assert [s.label for s in p.snapshots()] == ["round 0", "round 1", "round 2"]
             assert p.verify().ok
             p.restore(1)

@@ -54,7 +54,9 @@ def assert_one_line_disk_full(r: subprocess.CompletedProcess[str]) -> None:
 # ---- disk full ------------------------------------------------------------------------------
 
 
-def test_snapshot_on_a_full_disk_fails_cleanly_and_succeeds_after_freeing_space(small_fs: Path) -> None:
+def test_snapshot_on_a_full_disk_fails_cleanly_and_succeeds_after_freeing_space(
+    small_fs: Path,
+) -> None:
     """8 MiB filesystem: the first snapshot fits; the second one's copy does not, until space is
     freed. Every byte of project data costs twice here (the tree and its copy in the store), so
     ~4 MiB of incompressible data is all an 8 MiB disk can snapshot."""
@@ -154,7 +156,9 @@ def test_restore_without_room_to_stage_changes_nothing(small_fs: Path) -> None:
 
 
 @pytest.mark.parametrize("command", [["restore", "1", "--yes"], ["snapshot"]])
-def test_commands_on_a_completely_full_disk_say_the_disk_is_full(small_fs: Path, command: list[str]) -> None:
+def test_commands_on_a_completely_full_disk_say_the_disk_is_full(
+    small_fs: Path, command: list[str]
+) -> None:
     """Not one free block: the message must still say what is wrong, not blame the state file."""
     root, target = _restore_scenario(small_fs)
     write(root, "new.bin", os.urandom(256 << 10))
@@ -232,7 +236,9 @@ def test_file_growing_during_snapshot(project_dir: Path) -> None:
         # A state that existed: the file as it was at some moment, never torn or padded.
         assert len(got) >= start and final[p][: len(got)] == got, f"{rel}: not a prefix of the file"
         # The tree records the size of the content it points at.
-        assert f"write   {rel} ({len(got)} bytes" in plan, f"{rel}: {len(got)} bytes restored, plan says:\n{plan}"
+        assert f"write   {rel} ({len(got)} bytes" in plan, (
+            f"{rel}: {len(got)} bytes restored, plan says:\n{plan}"
+        )
         # The stat cache must not call the file clean unless the snapshot holds its final content.
         if got != final[p]:
             assert rel in status["modified"], f"{rel} grew after it was read, status says {status}"
@@ -250,9 +256,11 @@ def _victims(root: Path, dirs: int, per_dir: int) -> tuple[list[Path], list[Path
     return [f for f in files if f.name.endswith(("3.txt", "7.txt"))], victim_dirs
 
 
-def _check_snapshot_of_vanishing(root: Path, original: TreeState, gone: set[bytes], sid: str) -> None:
+def _check_snapshot_of_vanishing(
+    root: Path, original: TreeState, gone: set[bytes], sid: str
+) -> int:
     """The snapshot holds every path that never vanished exactly, and vanished ones exactly or not
-    at all."""
+    at all. Returns how many of the vanished paths the snapshot still caught."""
     v = run_cli("-C", str(root), "verify")
     assert v.returncode == 0, v.stdout + v.stderr
     r = run_cli("-C", str(root), "restore", sid, "--yes")
@@ -264,6 +272,7 @@ def _check_snapshot_of_vanishing(root: Path, original: TreeState, gone: set[byte
             assert got[path] == want, f"{path!r} was snapshotted torn"
         else:
             assert path in gone or any(path.startswith(g + b"/") for g in gone), f"{path!r} lost"
+    return len(gone & set(got))
 
 
 def test_files_vanishing_during_snapshot(project_dir: Path) -> None:
@@ -295,6 +304,7 @@ def test_files_vanishing_during_snapshot(project_dir: Path) -> None:
                 return
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             deleted += 1
+            time.sleep(0.0005)  # spread the deletions over the scan
 
     t = threading.Thread(target=delete_while_scanning, name="test-deleter")
     t.start()
@@ -306,8 +316,8 @@ def test_files_vanishing_during_snapshot(project_dir: Path) -> None:
             child.wait()
         t.join()
     assert child.returncode == 0, stderr.decode()
-    print(f"deleted {deleted} of {len(order)} paths while the snapshot ran")
-    _check_snapshot_of_vanishing(root, original, gone, stdout.split()[0].decode())
+    caught = _check_snapshot_of_vanishing(root, original, gone, stdout.split()[0].decode())
+    print(f"deleted {deleted} of {len(order)} paths while the snapshot ran; it caught {caught}")
 
 
 def test_files_vanishing_mid_scan_deterministic(project_dir: Path) -> None:
@@ -328,4 +338,5 @@ def test_files_vanishing_mid_scan_deterministic(project_dir: Path) -> None:
         snap = project.snapshot(progress=progress)
         assert any(r.phase == "scan" and r.total is None for r in reports), "no mid-scan report"
         assert snap.files < len([k for k, v in original.items() if v[0] == "file"])
-    _check_snapshot_of_vanishing(root, original, gone, str(snap.id))
+    caught = _check_snapshot_of_vanishing(root, original, gone, str(snap.id))
+    assert 0 < caught < len(gone), "the deletions were not mid-scan"

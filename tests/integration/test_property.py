@@ -53,8 +53,20 @@ names = st.one_of(
     ).map(lambda s: s.encode("utf-8")),
     st.binary(min_size=1, max_size=10),
     st.sampled_from(
-        [b"a", b"b.txt", b"caf\xc3\xa9", b"bad\xff\xfe", b"new\nline", b" space ", b"-dash",
-         b".hidden", b"\xe6\x97\xa5\xe6\x9c\xac", b"x" * 255, b"\x80", b"a\\b"]
+        [
+            b"a",
+            b"b.txt",
+            b"caf\xc3\xa9",
+            b"bad\xff\xfe",
+            b"new\nline",
+            b" space ",
+            b"-dash",
+            b".hidden",
+            b"\xe6\x97\xa5\xe6\x9c\xac",
+            b"x" * 255,
+            b"\x80",
+            b"a\\b",
+        ]
     ),
 ).filter(_valid_name)
 
@@ -206,7 +218,9 @@ def mutate(root: bytes, data: st.DataObject) -> list[str]:
 
 @PROPERTY_SETTINGS
 @given(tree=roots, data=st.data())
-def test_snapshot_mutate_restore_round_trip(tree: dict[bytes, File | Link | Dir], data: st.DataObject) -> None:
+def test_snapshot_mutate_restore_round_trip(
+    tree: dict[bytes, File | Link | Dir], data: st.DataObject
+) -> None:
     with tempfile.TemporaryDirectory(prefix="snapfs-prop-") as tmp:
         root = Path(tmp) / "proj"
         root.mkdir()
@@ -244,6 +258,8 @@ def _open_up(root: bytes) -> None:
                 os.chmod(p, 0o700)
 
 
-def _diff(got: dict[bytes, tuple[str, int, bytes]], want: dict[bytes, tuple[str, int, bytes]]) -> str:
+def _diff(
+    got: dict[bytes, tuple[str, int, bytes]], want: dict[bytes, tuple[str, int, bytes]]
+) -> str:
     keys = sorted(set(got) ^ set(want) | {k for k in set(got) & set(want) if got[k] != want[k]})
     return "; ".join(f"{k!r}: got {got.get(k)} want {want.get(k)}" for k in keys[:6])
