@@ -10,11 +10,6 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from ._errors import UsageError
 from ._fsops import LinkMode
 
@@ -110,6 +105,10 @@ def load_config(
     if project_root is not None:
         cfg_file = project_root / ".snapfs" / "config"
         if cfg_file.exists():
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib
             try:
                 data = tomllib.loads(cfg_file.read_text())
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

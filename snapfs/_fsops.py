@@ -7,8 +7,6 @@ project can never redirect a write outside it.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import enum
 import errno
 import fcntl
@@ -16,6 +14,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from ._errors import UnsafePath
 
@@ -55,7 +54,7 @@ def reflink_fd(src_fd: int, dst_fd: int) -> None:
     fcntl.ioctl(dst_fd, FICLONE, src_fd)
 
 
-_libc: ctypes.CDLL | None = None
+_libc: Any = None
 
 
 def syncfs(fd: int) -> None:
@@ -66,8 +65,13 @@ def syncfs(fd: int) -> None:
     """
     global _libc
     if _libc is None:
+        import ctypes  # on first use: importing ctypes.util costs more than most commands
+        import ctypes.util
+
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if _libc.syncfs(fd) != 0:  # pragma: no cover - syncfs only fails on EBADF
+        import ctypes
+
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -155,7 +155,9 @@ class ProjectState:
     ) -> int:
         """Record a snapshot, its new trees and the stat cache changes in one transaction."""
         with self.db:
-            self.db.executemany("INSERT OR IGNORE INTO trees VALUES (?, ?)", trees)
+            # A stored root implies every tree below it is stored (Merkle): skip the inserts.
+            if self.tree(root) is None:
+                self.db.executemany("INSERT OR IGNORE INTO trees VALUES (?, ?)", trees)
             cur = self.db.execute(
                 "INSERT INTO snapshots (created, label, kind, root, files, bytes, new_bytes,"
                 " new_objects, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -170,6 +172,9 @@ class ProjectState:
     def update_cache(
         self, updates: Iterable[tuple[bytes, CacheEntry]], deletes: Iterable[bytes] = ()
     ) -> None:
+        updates, deletes = list(updates), list(deletes)
+        if not updates and not deletes:
+            return
         index = dict(self.load_cache())
         for p in deletes:
             index.pop(p, None)
