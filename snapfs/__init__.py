@@ -8,7 +8,7 @@
 """
 
 from ._config import Config
-from ._diff import Changes
+from ._diff import Changes, ChangeSet
 from ._errors import (
     Category,
     DiskFull,
@@ -38,11 +38,13 @@ from ._project import (
     open,
 )
 from ._scan import Progress
+from ._txn import Transaction, checkpoint, checkpointed, transaction
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Category",
+    "ChangeSet",
     "Changes",
     "Config",
     "DiskFull",
@@ -63,11 +65,15 @@ __all__ = [
     "SnapfsError",
     "SnapshotInfo",
     "SnapshotNotFound",
+    "Transaction",
     "StateCorrupt",
     "UnsafePath",
     "UsageError",
     "VerifyReport",
     "__version__",
+    "checkpoint",
+    "checkpointed",
     "init",
     "open",
+    "transaction",
 ]

@@ -58,6 +58,9 @@ class Config:
     workers: int = 4
     verify_restore: bool = True
     lock_wait: bool = True
+    preserve: tuple[str, ...] = ()  # gitignore-style patterns a rollback never touches
+    auto_keep: int = 20  # automatic checkpoints kept by the retention policy
+    crash_policy: str = "rollback"  # for a transaction whose owner died: rollback or keep
 
 
 _ENV = {
@@ -69,6 +72,9 @@ _ENV = {
     "SNAPFS_COMPRESS_LEVEL": "compress_level",
     "SNAPFS_WORKERS": "workers",
     "SNAPFS_VERIFY_RESTORE": "verify_restore",
+    "SNAPFS_PRESERVE": "preserve",
+    "SNAPFS_AUTO_KEEP": "auto_keep",
+    "SNAPFS_CRASH_POLICY": "crash_policy",
 }
 
 
@@ -83,6 +89,20 @@ def _coerce(name: str, value: Any, base: Path | None) -> Any:
             return parse_size(value)
         if name in ("compress", "verify_restore", "lock_wait"):
             return _parse_bool(value)
+        if name == "preserve":
+            items = value.split(os.pathsep) if isinstance(value, str) else value
+            if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+                raise ValueError(value)
+            return tuple(i for i in items if i)
+        if name == "crash_policy":
+            if value not in ("rollback", "keep"):
+                raise ValueError(value)
+            return value
+        if name == "auto_keep":
+            n = int(value)
+            if isinstance(value, bool) or n < 1:
+                raise ValueError(value)
+            return n
         if name in ("compress_level", "workers"):
             if isinstance(value, bool):
                 raise ValueError(value)

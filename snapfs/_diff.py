@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ._errors import StateCorrupt
 from ._hashing import Oid
@@ -118,3 +119,76 @@ def changes(load: TreeLoader, old: Oid, new: Oid) -> Changes:
     for lst in (out.added, out.modified, out.deleted):
         lst.sort()
     return out
+
+
+@dataclass(frozen=True)
+class ChangeSet:
+    """What an operation changed: like :class:`Changes`, plus files that moved.
+
+    A file deleted at one path and added with the same content at another is a move.
+    """
+
+    added: list[str] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    moved: list[tuple[str, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.modified or self.deleted or self.moved)
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return {
+            "added": self.added,
+            "modified": self.modified,
+            "deleted": self.deleted,
+            "moved": [list(m) for m in self.moved],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list[Any]]) -> ChangeSet:
+        return cls(
+            list(d.get("added", [])),
+            list(d.get("modified", [])),
+            list(d.get("deleted", [])),
+            [(a, b) for a, b in d.get("moved", [])],
+        )
+
+    def summary(self) -> str:
+        parts = [
+            f"{len(self.added)} added",
+            f"{len(self.modified)} modified",
+            f"{len(self.deleted)} deleted",
+        ]
+        if self.moved:
+            parts.append(f"{len(self.moved)} moved")
+        return ", ".join(parts)
+
+
+def change_set(load: TreeLoader, old: Oid, new: Oid) -> ChangeSet:
+    """:func:`changes` with moves paired up by content."""
+    plain = changes(load, old, new)
+    gone: dict[Oid, list[str]] = {}
+    came: dict[Oid, list[str]] = {}
+    for path, ea, eb in walk_diff(load, old, new):
+        for side, entry, out in ((path, ea, gone), (path, eb, came)):
+            if entry is None or (ea is not None and eb is not None and ea.kind == eb.kind):
+                continue
+            if entry.kind == Kind.FILE:
+                out.setdefault(entry.oid, []).append(os.fsdecode(side))
+            elif entry.kind == Kind.DIR:
+                for p, e in walk_tree(load, entry.oid, side):
+                    if e.kind == Kind.FILE:
+                        out.setdefault(e.oid, []).append(os.fsdecode(p))
+    moved: list[tuple[str, str]] = []
+    for oid, srcs in gone.items():
+        dsts = came.get(oid, [])
+        if len(srcs) == 1 and len(dsts) == 1:  # only unambiguous pairs are moves
+            moved.append((srcs[0], dsts[0]))
+    src_set = {a for a, _ in moved}
+    dst_set = {b for _, b in moved}
+    return ChangeSet(
+        [p for p in plain.added if p not in dst_set],
+        plain.modified,
+        [p for p in plain.deleted if p not in src_set],
+        sorted(moved),
+    )

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    pass
+    from ._txn import Transaction
 
 from ._config import Config, load_config
-from ._diff import Changes, TreeLoader, changes
+from ._diff import Changes, ChangeSet, TreeLoader, change_set, changes
 from ._errors import (
     NotAProject,
     ObjectCorrupt,
@@ -229,6 +230,7 @@ class Project:
             raise
         self.lock = Lock(self.state_dir / "lock", "project")
         self.on_wait: Callable[[str], None] | None = None
+        self._transactions: list[Transaction] = []  # this process's open ones, nested
 
     # ---- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
@@ -320,6 +322,12 @@ class Project:
             return changes(self._load(), ra.root, self.resolve(b).root)
         cur = self._scan_readonly(progress)
         return changes(self._overlay(cur.trees), ra.root, cur.root)
+
+    def change_set_since(self, ref: str | int, progress: ProgressFn = no_progress) -> ChangeSet:
+        """What changed in the working tree since snapshot ``ref``, with moves paired."""
+        base = self.resolve(ref)
+        cur = self._scan_readonly(progress)
+        return change_set(self._overlay(cur.trees), base.root, cur.root)
 
     # ---- snapshot -----------------------------------------------------------------------
     def snapshot(
@@ -437,18 +445,85 @@ class Project:
     def _restore_to(
         self, target: SnapshotRow, current: Oid, pre: int | None, progress: ProgressFn
     ) -> list[Op]:
-        plan = plan_restore(self._load(), current, target.root)
-        intent = Intent(
-            target.id, target.root, pre, f"r{target.id}-{os.getpid()}", time.time(), os.getpid()
-        )
+        return self._land(target, current, self._load(), pre, (), progress)
+
+    def rollback_to_checkpoint(
+        self,
+        ref: str | int,
+        *,
+        preserve: Sequence[str] = (),
+        progress: ProgressFn = no_progress,
+    ) -> list[Op]:
+        """Put the tree back to a checkpoint without saving the state being left.
+
+        This is a transaction's rollback: the failed state is discarded (paths matching
+        ``preserve`` and ignored paths are kept as they are).
+        """
+        with self._write_lock(f"rollback to {ref}"):
+            self._recover_locked()
+            target = self.resolve(ref)
+            cur = self._scan_readonly(progress)
+            if cur.root == target.root:
+                self.state.set_meta("head", str(target.id))
+                return []
+            return self._land(target, cur.root, self._overlay(cur.trees), None, preserve, progress)
+
+    def prune_automatic(self, keep: int) -> list[int]:
+        """Delete automatic checkpoints beyond the newest ``keep`` (their data goes at gc)."""
+        from ._txn import AUTOMATIC_KINDS
+
+        protected = self._protected_ids()
+        auto = [r.id for r in self.state.snapshots() if r.kind in AUTOMATIC_KINDS]
+        doomed = [i for i in auto[: max(0, len(auto) - keep)] if i not in protected]
+        if doomed:
+            with self._write_lock("prune checkpoints"):
+                self.state.delete_snapshots(doomed)
+        return doomed
+
+    def _protected_ids(self) -> set[int]:
+        """Snapshots no retention rule may delete: HEAD and open transactions' checkpoints."""
+        ids = {t.checkpoint for t in self.state.txns(status="open")}
+        if self.state.head is not None:
+            ids.add(self.state.head)
+        return ids
+
+    def _keeper(self, preserve: Sequence[str]) -> Callable[[bytes], bool]:
+        """Paths a restore must not touch: ignored ones, plus ``preserve`` patterns."""
         ignore = Ignore.load(self.root)
+        rules = Ignore(list(preserve)) if preserve else None
+        if rules is None:
+            return ignore
+        return lambda relpath: ignore(relpath) or rules(relpath)
+
+    def _land(
+        self,
+        target: SnapshotRow,
+        current: Oid,
+        load: TreeLoader,
+        pre: int | None,
+        preserve: Sequence[str],
+        progress: ProgressFn,
+        staging: str = "",
+    ) -> list[Op]:
+        """Plan and apply the restore from tree ``current`` to ``target`` (lock held)."""
+        keep = self._keeper(preserve)
+        plan = plan_restore(load, current, target.root, keep if preserve else None)
+        intent = Intent(
+            target.id,
+            target.root,
+            pre,
+            staging or f"r{target.id}-{os.getpid()}",
+            time.time(),
+            os.getpid(),
+            tuple(preserve),
+        )
         applied = apply_restore(
             root=self.root,
             state_dir=self.state_dir,
             store=self.store,
             plan=plan,
             intent=intent,
-            keep=ignore,
+            keep=keep,
             progress=progress,
         )
         self._finish_restore(intent, applied.puts, applied.removed)
@@ -480,18 +555,69 @@ class Project:
             return  # a live writer owns the project; it will finish its own work
         try:
             self._recover_locked()
+            self._recover_transactions_locked(keep=self.config.crash_policy == "keep")
             self.store.sweep_leftovers()
         finally:
             self.lock.release()
 
     def _has_leftovers(self) -> bool:
         staging = self.state_dir / "staging"
-        return (self.state_dir / "intent.json").exists() or (
-            staging.is_dir() and any(os.scandir(staging))
+        return (
+            (self.state_dir / "intent.json").exists()
+            or (staging.is_dir() and any(os.scandir(staging)))
+            or self.state.has_open_txns()
         )
 
-    def recover(self, *, discard: bool = False, progress: ProgressFn = no_progress) -> str:
-        """Finish (or with ``discard``, forget) interrupted work. Returns what was done."""
+    def _recover_transactions_locked(
+        self, *, keep: bool, progress: ProgressFn = no_progress
+    ) -> list[str]:
+        """Apply the crash policy to transactions whose owner died. A live owner is left alone."""
+        from ._txn import dead_transactions, describe_owner
+
+        groups: dict[str, list[Any]] = {}
+        for row in dead_transactions(self.state.txns(status="open")):
+            groups.setdefault(row.owner, []).append(row)
+        done: list[str] = []
+        for rows in sorted(groups.values(), key=lambda rs: -min(r.id for r in rs)):
+            outer = min(rows, key=lambda r: r.id)
+            who = describe_owner(outer)
+            what = f"transaction {outer.id}" + (f" ({outer.label})" if outer.label else "")
+            if keep:
+                note = f"its owner ({who}) died; the partial state was kept on request"
+                for r in rows:
+                    self.state.end_txn(r.id, "kept", error=note)
+                done.append(f"Kept the partial state of {what}, whose process ({who}) died.")
+                continue
+            target = self.resolve(outer.checkpoint)
+            cur = self._scan_readonly(progress)
+            undone = change_set(self._overlay(cur.trees), target.root, cur.root)
+            self._land(
+                target,
+                cur.root,
+                self._overlay(cur.trees),
+                None,
+                json.loads(outer.preserve),
+                progress,
+            )
+            note = f"its owner ({who}) died; rolled back to checkpoint {target.id}"
+            for r in rows:
+                self.state.end_txn(
+                    r.id, "recovered", changes=json.dumps(undone.to_dict()), error=note
+                )
+            done.append(
+                f"Rolled back {what}, whose process ({who}) died: {undone.summary()} undone."
+            )
+        return done
+
+    def recover(
+        self, *, discard: bool = False, keep: bool = False, progress: ProgressFn = no_progress
+    ) -> str:
+        """Finish interrupted work. Returns what was done.
+
+        An interrupted restore is completed. A transaction whose process died is rolled back to
+        its checkpoint, or with ``keep`` left as it is and marked. ``discard`` forgets a damaged
+        record of an interrupted restore.
+        """
         with self._write_lock("recover"):
             if discard:
                 path = self.state_dir / "intent.json"
@@ -501,9 +627,10 @@ class Project:
                     (self.state_dir / "staging").mkdir(exist_ok=True)
                     return "Discarded the record of an interrupted restore."
                 return "Nothing to recover."
-            done = self._recover_locked(progress)
+            done = [self._recover_locked(progress) or ""]
+            done += self._recover_transactions_locked(keep=keep, progress=progress)
             self.store.sweep_leftovers()
-            return done or "Nothing to recover."
+            return "\n".join(d for d in done if d) or "Nothing to recover."
 
     def _recover_locked(self, progress: ProgressFn = no_progress) -> str | None:
         intent = read_intent(self.state_dir / "intent.json")
@@ -517,26 +644,15 @@ class Project:
                 hint="Run 'snapfs recover --discard' and restore the snapshot you want.",
             )
         cur = self._scan_readonly(progress)
-        load = self._overlay(cur.trees)
-        plan = plan_restore(load, cur.root, target.root)
-        retry = Intent(
-            intent.target,
-            intent.target_root,
+        plan = self._land(
+            target,
+            cur.root,
+            self._overlay(cur.trees),
             intent.pre,
-            intent.staging + "-r",
-            time.time(),
-            os.getpid(),
+            intent.preserve,
+            progress,
+            staging=intent.staging + "-r",
         )
-        applied = apply_restore(
-            root=self.root,
-            state_dir=self.state_dir,
-            store=self.store,
-            plan=plan,
-            intent=retry,
-            keep=Ignore.load(self.root),
-            progress=progress,
-        )
-        self._finish_restore(retry, applied.puts, applied.removed)
         self._sweep_staging()
         return f"Finished an interrupted restore of snapshot {intent.target} ({len(plan)} changes)."
 
@@ -623,12 +739,11 @@ class Project:
         with self._write_lock("gc"):
             self._recover_locked()
             rows = self.state.snapshots()
-            head = self.state.head
             if keep_last is None and within is None:
                 kept = rows
             else:
                 now = time.time()
-                keep_ids = {head} if head is not None else set()
+                keep_ids = self._protected_ids()
                 if keep_last:
                     keep_ids.update(r.id for r in rows[-keep_last:])
                 if within is not None:

@@ -72,10 +72,21 @@ class Op:
         return f"chmod   {p}/ {self.mode:o}"
 
 
-def plan_restore(load: TreeLoader, current: Oid, target: Oid) -> list[Op]:
-    """The ops that turn tree ``current`` into tree ``target``, in apply order."""
+def plan_restore(
+    load: TreeLoader,
+    current: Oid,
+    target: Oid,
+    keep: Callable[[bytes], bool] | None = None,
+) -> list[Op]:
+    """The ops that turn tree ``current`` into tree ``target``, in apply order.
+
+    Paths for which ``keep`` is true (directories are asked with a trailing slash) are left
+    exactly as they are: never deleted, reverted or recreated.
+    """
     ops: list[Op] = []
     dir_modes: list[Op] = []
+    if keep is not None:
+        return [op for op in plan_restore(load, current, target) if not _kept(op, keep)]
 
     def create(path: bytes, e: Entry) -> None:
         if e.kind == Kind.DIR:
@@ -114,6 +125,14 @@ def plan_restore(load: TreeLoader, current: Oid, target: Oid) -> list[Op]:
     return ops + dir_modes
 
 
+def _kept(op: Op, keep: Callable[[bytes], bool]) -> bool:
+    if op.action == "remove":
+        return keep(op.relpath)  # a removed directory still keeps its kept contents
+    if op.action in ("mkdir", "chmod"):
+        return keep(op.relpath + b"/")
+    return keep(op.relpath)
+
+
 @dataclass(frozen=True)
 class Intent:
     target: int
@@ -122,6 +141,7 @@ class Intent:
     staging: str
     started: float
     pid: int
+    preserve: tuple[str, ...] = ()  # patterns a rollback must leave alone
 
 
 def write_intent(path: Path, intent: Intent) -> None:
@@ -135,6 +155,7 @@ def write_intent(path: Path, intent: Intent) -> None:
             "staging": intent.staging,
             "started": intent.started,
             "pid": intent.pid,
+            "preserve": list(intent.preserve),
         },
         sort_keys=True,
     )
@@ -160,6 +181,7 @@ def read_intent(path: Path) -> Intent | None:
             str(d["staging"]),
             float(d["started"]),
             int(d["pid"]),
+            tuple(str(p) for p in d.get("preserve", [])),
         )
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise StateCorrupt(

@@ -34,6 +34,20 @@ CREATE TABLE IF NOT EXISTS snapshots (
     seconds REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS trees (oid BLOB PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS transactions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    label TEXT NOT NULL DEFAULT '',
+    parent INTEGER,
+    checkpoint INTEGER NOT NULL,
+    post INTEGER,
+    status TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    preserve TEXT NOT NULL DEFAULT '[]',
+    started REAL NOT NULL,
+    ended REAL,
+    changes TEXT,
+    error TEXT
+);
 """
 
 KINDS = ("manual", "auto", "pre-op", "pre-restore", "post", "pre-import")
@@ -94,6 +108,22 @@ class SnapshotRow:
     new_bytes: int
     new_objects: int
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class TxnRow:
+    id: int
+    label: str
+    parent: int | None
+    checkpoint: int
+    post: int | None
+    status: str  # open, committed, rolled-back, recovered, kept
+    owner: str  # JSON of the owning process
+    preserve: str  # JSON list of patterns
+    started: float
+    ended: float | None
+    changes: str | None  # JSON change set
+    error: str | None
 
 
 class ProjectState:
@@ -201,6 +231,52 @@ class ProjectState:
     def delete_snapshots(self, ids: Iterable[int]) -> None:
         with self.db:
             self.db.executemany("DELETE FROM snapshots WHERE id = ?", ((i,) for i in ids))
+
+    # ---- transactions -------------------------------------------------------------------
+    def begin_txn(
+        self, *, label: str, parent: int | None, checkpoint: int, owner: str, preserve: str
+    ) -> int:
+        with self.db:
+            cur = self.db.execute(
+                "INSERT INTO transactions (label, parent, checkpoint, status, owner, preserve,"
+                " started) VALUES (?, ?, ?, 'open', ?, ?, ?)",
+                (label, parent, checkpoint, owner, preserve, time.time()),
+            )
+        return int(cur.lastrowid or 0)
+
+    def end_txn(
+        self,
+        txn: int,
+        status: str,
+        *,
+        changes: str | None = None,
+        post: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        with self.db:
+            self.db.execute(
+                "UPDATE transactions SET status = ?, ended = ?, changes = ?, post = ?, error = ?"
+                " WHERE id = ?",
+                (status, time.time(), changes, post, error, txn),
+            )
+
+    def txns(self, *, status: str | None = None, limit: int | None = None) -> list[TxnRow]:
+        q = (
+            "SELECT id, label, parent, checkpoint, post, status, owner, preserve, started,"
+            " ended, changes, error FROM transactions"
+        )
+        args: tuple[object, ...] = ()
+        if status is not None:
+            q += " WHERE status = ?"
+            args = (status,)
+        q += " ORDER BY id DESC"
+        if limit is not None:
+            q += f" LIMIT {int(limit)}"
+        return [TxnRow(*r) for r in self.db.execute(q, args)]
+
+    def has_open_txns(self) -> bool:
+        row = self.db.execute("SELECT 1 FROM transactions WHERE status = 'open' LIMIT 1")
+        return row.fetchone() is not None
 
     # ---- trees --------------------------------------------------------------------------
     def tree(self, oid: Oid) -> bytes | None:

@@ -11,6 +11,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, NoReturn
@@ -256,12 +257,102 @@ def gc(
 
 @cli.command()
 @click.option("--discard", is_flag=True, help="Forget a damaged record of an interrupted restore.")
+@click.option(
+    "--keep", is_flag=True, help="Keep the partial state of a crashed transaction (mark it)."
+)
 @pass_ctx
-def recover(c: Ctx, discard: bool) -> None:
+def recover(c: Ctx, discard: bool, keep: bool) -> None:
     """Finish work a crash interrupted (done automatically by the next command too)."""
     path = c.path or "."
     with snapfs.open(path, store=c.store, env=dict(os.environ), recover=False) as p:
-        click.echo(safe(p.recover(discard=discard, progress=progress_printer())))
+        click.echo(safe(p.recover(discard=discard, keep=keep, progress=progress_printer())))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-m", "--label", default="", help="Name the operation (default: the command).")
+@click.option("--post", is_flag=True, help="Also take a snapshot after a successful run.")
+@click.option(
+    "--preserve", multiple=True, metavar="PATTERN", help="Never roll back these paths (glob)."
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@pass_ctx
+def run(
+    c: Ctx, label: str, post: bool, preserve: tuple[str, ...], command: tuple[str, ...]
+) -> None:
+    """Run COMMAND in a transaction: if it fails, the project is rolled back exactly.
+
+    Use '--' before the command: snapfs run -- pip install -r requirements.txt
+    """
+    from snapfs._txn import run_command
+
+    with c.open() as p:
+        res = run_command(
+            p,
+            command,
+            label=label,
+            post_snapshot=post,
+            preserve=preserve,
+            progress=progress_printer(),
+        )
+    if res.rolled_back:
+        click.echo(safe(f"snapfs: {res.error} Rolled back: {res.changes.summary()}."), err=True)
+        for path in _listing(res.changes):
+            click.echo(safe(f"  {path}"), err=True)
+    else:
+        click.echo(f"snapfs: done; {res.changes.summary()} (see 'snapfs log').", err=True)
+    sys.exit(res.returncode)
+
+
+def _listing(ch: snapfs.ChangeSet, limit: int = 20) -> list[str]:
+    rows = [f"A {p}" for p in ch.added] + [f"M {p}" for p in ch.modified]
+    rows += [f"D {p}" for p in ch.deleted] + [f"R {a} -> {b}" for a, b in ch.moved]
+    return rows[:limit] + ([f"... and {len(rows) - limit} more"] if len(rows) > limit else [])
+
+
+@cli.command()
+@click.option(
+    "-n", "limit", type=click.IntRange(min=1), default=20, help="How many (newest first)."
+)
+@click.option("-v", "--verbose", is_flag=True, help="List the changed paths of each operation.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def log(c: Ctx, limit: int, verbose: bool, as_json: bool) -> None:
+    """Show past operations (transactions) and what each changed."""
+    with c.open() as p:
+        rows = p.state.txns(limit=limit)
+    if as_json:
+        click.echo(json.dumps([_txn_dict(r) for r in rows]))
+        return
+    if not rows:
+        click.echo("No operations yet. Wrap one with 'snapfs run -- COMMAND'.")
+        return
+    for r in rows:
+        ch = snapfs.ChangeSet.from_dict(json.loads(r.changes)) if r.changes else None
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started))
+        summary = ch.summary() if ch is not None else "in progress"
+        post = f" -> {r.post}" if r.post else ""
+        click.echo(
+            safe(f"#{r.id}  {when}  {r.status:11}  checkpoint {r.checkpoint}{post}  {r.label}")
+        )
+        click.echo(f"      {summary}" + (f"; {r.error}" if r.error else ""))
+        if verbose and ch is not None:
+            for line in _listing(ch, limit=1000):
+                click.echo(safe(f"      {line}"))
+
+
+def _txn_dict(r: Any) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "label": r.label,
+        "status": r.status,
+        "parent": r.parent,
+        "checkpoint": r.checkpoint,
+        "post": r.post,
+        "started": r.started,
+        "ended": r.ended,
+        "changes": json.loads(r.changes) if r.changes else None,
+        "error": r.error,
+    }
 
 
 @cli.command()

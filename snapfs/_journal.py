@@ -1,0 +1,844 @@
+"""The change journal: every create, modify, delete and move under a project, recorded in SQLite.
+
+The journal is a *hint*, never the truth. It lets a caller skip work (list what an operation
+changed, limit a rollback or the next snapshot's stat walk to the touched paths) only when it can
+*prove* that it saw every change in an interval. Anything that may have lost an event is written
+into the journal as an ``overflow`` or ``gap`` row, and :meth:`Journal.touched` reports an interval
+containing one as not continuous, so the caller falls back to the full walk.
+
+Threads and the path of one event::
+
+    kernel inotify queue
+      -> inotify reader (watchdog InotifyFD; ours counts overflows and failed watches, in kernel order)
+      -> watchdog emitter (pairs moves) -> watchdog dispatcher -> Journal._on_fs_event
+      -> SimpleQueue -> writer thread (batches rows into one SQLite transaction) -> journal table
+
+Nothing in the watchdog threads touches SQLite; the writer has its own connection.
+
+**Marks (cookies).** :meth:`Journal.mark` renames a fresh file onto
+``.snapfs/journal-cookie-<run>``; the temporary name carries a token, so the move event says
+exactly which mark it belongs to. The pipeline is FIFO from the kernel queue to the writer, so when
+the cookie's row is committed every event the kernel queued before the rename has been recorded
+with a smaller seq. A mark whose cookie event was lost is retried with a new token.
+
+**Proving continuity.** A lost event is always announced by something the inotify reader sees in
+kernel order: ``IN_Q_OVERFLOW`` (watchdog then drops the events it was holding and re-adds its
+watches), or a watch that could not be added. Each such loss writes a row and bumps a counter.
+The row is queued when the reader sees the loss, which can be *before* an earlier cookie that was
+still in flight through the emitter and dispatcher threads reaches the writer. So each mark also
+reads the counter just before it writes its cookie, and when the cookie's event arrives with the
+counter moved on, another loss row is queued right after the cookie. Whichever way the race went,
+a loss between two cookies in kernel order leaves a loss row between their seqs.
+
+Files created in a new directory before watchdog has added its watch are the other way events
+vanish; they are not detectable, which is why :class:`Touched` lists ``new_dirs``: the caller
+rescans those subtrees fully.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import queue
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ._errors import Category, SnapfsError
+from ._ignore import STATE_DIR
+from ._state import connect
+
+if TYPE_CHECKING:
+    import logging
+
+    from watchdog.events import FileSystemEvent
+    from watchdog.observers.api import BaseObserver
+
+JOURNAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run TEXT,
+    time REAL,
+    kind TEXT,
+    relpath BLOB,
+    dest BLOB,
+    is_dir INTEGER
+);
+"""
+
+#: Row kinds. The first four are changes. ``overflow`` and ``gap`` mean events may have been lost
+#: (their ``dest`` holds the reason as UTF-8 text). ``cookie`` is a mark (``dest`` is its token).
+KINDS = ("created", "modified", "deleted", "moved", "overflow", "gap", "cookie")
+CHANGE_KINDS = frozenset({"created", "modified", "deleted", "moved"})
+LOSS_KINDS = frozenset({"overflow", "gap"})
+
+BATCH_SECONDS = 0.05  # a batch is committed at most this long after its first row arrived...
+BATCH_ROWS = 500  # ...or as soon as it holds this many rows, or holds a cookie
+COOKIE_RETRY_SECONDS = 1.0  # rewrite the cookie if its event hasn't arrived by then (it was lost)
+
+_STATE = os.fsdecode(STATE_DIR)
+_BENIGN_WATCH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+
+
+class JournalUnavailable(SnapfsError):
+    """The change journal can't run or can't vouch for what it saw; use the full stat walk."""
+
+    category = Category.SYSTEM
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEvent:
+    """One journal row. ``relpath``/``dest`` are project-relative, ``b"/"``-separated bytes."""
+
+    seq: int
+    time: float
+    kind: str
+    relpath: bytes
+    dest: bytes | None
+    is_dir: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Touched:
+    """What changed between two marks, and whether the journal can prove it saw everything.
+
+    ``paths``: every relpath named by an event (sources and destinations of moves).
+    ``dirty_dirs``: the parent of every such path (``b""`` is the project root), plus the path
+    itself when it is a directory. ``new_dirs``: directories created or moved in; files created in
+    them before their watch existed may be missing from ``paths``, so scan these subtrees fully.
+    """
+
+    continuous: bool
+    reason: str
+    paths: frozenset[bytes]
+    dirty_dirs: frozenset[bytes]
+    new_dirs: frozenset[bytes]
+
+
+class _Row(NamedTuple):
+    kind: str
+    relpath: bytes
+    dest: bytes | None
+    is_dir: bool
+    time: float
+    token: str | None = None
+
+
+def _logger() -> logging.Logger:
+    import logging  # imported on first use: most commands never journal
+
+    return logging.getLogger("snapfs.journal")
+
+
+def _parent(relpath: bytes) -> bytes:
+    i = relpath.rfind(b"/")
+    return relpath[:i] if i >= 0 else b""
+
+
+def _in_state_dir(rel: str) -> bool:
+    return _STATE in rel.split("/")
+
+
+def _limit(name: str) -> str:
+    try:
+        with open(f"/proc/sys/fs/inotify/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _unavailable(exc: OSError, root: str) -> JournalUnavailable:
+    """A plain-language reason why inotify can't watch ``root``."""
+    if exc.errno == errno.ENOSPC:
+        limit = _limit("max_user_watches")
+        return JournalUnavailable(
+            f"snapfs can't watch {root} for changes: the system allows {limit} watched folders"
+            " per user (fs.inotify.max_user_watches) and this project needs more.",
+            hint="Raise the limit (sysctl fs.inotify.max_user_watches=524288); until then"
+            " snapfs compares the whole folder instead.",
+        )
+    if exc.errno == errno.EMFILE:
+        limit = _limit("max_user_instances")
+        return JournalUnavailable(
+            f"snapfs can't watch {root} for changes: this user already runs {limit} file"
+            " watchers (fs.inotify.max_user_instances).",
+            hint="Close other watchers or raise the limit (sysctl fs.inotify.max_user_instances);"
+            " until then snapfs compares the whole folder instead.",
+        )
+    if exc.errno == errno.ENOMEM:
+        return JournalUnavailable(
+            f"snapfs can't watch {root} for changes: the kernel is out of memory for watches."
+        )
+    return JournalUnavailable(
+        f"snapfs can't watch {root} for changes: {exc.strerror or exc}.",
+        hint="snapfs compares the whole folder instead.",
+    )
+
+
+class _Losses:
+    """Everything that may have lost events, counted in the order the reporting thread saw it.
+
+    Each loss is also queued as a row at the moment it is recorded, under the same lock as the
+    counter, so a reader of the counter knows the row is already queued.
+    """
+
+    def __init__(self, sink: Callable[[_Row], None]) -> None:
+        self._lock = threading.Lock()
+        self._sink = sink
+        self.count = 0
+        self.last = ("gap", "")
+        self.degraded: str | None = None  # set when the loss persists (a folder is unwatched)
+        self.watch_error: OSError | None = None
+
+    def record(self, kind: str, reason: str, *, permanent: bool = False) -> None:
+        with self._lock:
+            self.count += 1
+            self.last = (kind, reason)
+            if permanent and self.degraded is None:
+                self.degraded = reason
+            self._sink(_Row(kind, b"", reason.encode(), False, time.time()))
+
+    def watch_failed(self, path: bytes, exc: OSError) -> None:
+        with self._lock:
+            if self.watch_error is None:
+                self.watch_error = exc
+        reason = f"could not watch {os.fsdecode(path)}: {exc.strerror or exc}"
+        self.record("gap", reason, permanent=True)
+
+    def state(self) -> tuple[int, tuple[str, str], str | None]:
+        with self._lock:
+            return self.count, self.last, self.degraded
+
+
+class _Backend(NamedTuple):
+    observer: BaseObserver
+    threads: tuple[threading.Thread, ...]  # besides the observer's own and its emitters'
+
+
+@functools.cache
+def _inotify_classes() -> tuple[Any, Any, Any]:
+    """watchdog's inotify observer with three additions: the reader reports overflows and failed
+    watches to a :class:`_Losses`, and a crashed thread is reported instead of dying silently.
+
+    Imported lazily: ``inotify_c`` loads libc's inotify functions and fails off Linux.
+    """
+    from watchdog.events import FileSystemEventHandler
+    from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
+    from watchdog.observers.inotify import InotifyEmitter
+    from watchdog.observers.inotify_c import CallbackId, InotifyEvent, InotifyFD, Mask
+    from watchdog.observers.inotify_c import WatchCallback, WatchDescriptor
+
+    class CountingInotifyFD(InotifyFD):
+        def __init__(self, losses: _Losses) -> None:
+            self.losses = losses
+            super().__init__()
+            self.name = "snapfs-journal-inotify"
+
+        def handle_event(self, event: InotifyEvent) -> None:
+            # Runs in the reader thread, in kernel order: record the loss before watchdog drops
+            # the events it holds and re-adds its watches, so no later cookie can miss it.
+            if event.is_queue_overflow:
+                self.losses.record(
+                    "overflow",
+                    "the kernel's inotify queue overflowed (fs.inotify.max_queued_events)"
+                    " and events were lost",
+                )
+            super().handle_event(event)
+
+        def add_callback(
+            self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId
+        ) -> WatchDescriptor:
+            # watchdog skips a subfolder it can't watch without telling anyone; we must know.
+            try:
+                wd = super().add_callback(path, mask, callback, id_)
+            except OSError as exc:
+                if exc.errno not in _BENIGN_WATCH_ERRNOS:  # gone already: nothing to watch
+                    self.losses.watch_failed(path, exc)
+                raise
+            if wd == -1:  # watchdog swallows EACCES and hands back -1
+                self.losses.watch_failed(path, PermissionError(errno.EACCES, "permission denied"))
+            return wd
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except Exception as exc:
+                _logger().exception("the inotify reader thread failed")
+                self.losses.record("gap", f"the inotify reader stopped ({exc})", permanent=True)
+
+    class Emitter(InotifyEmitter):
+        def __init__(self, *args: Any, losses: _Losses, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._losses = losses
+            self.name = "snapfs-journal-emitter"
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except Exception as exc:
+                _logger().exception("the watchdog emitter thread failed")
+                self._losses.record("gap", f"the event emitter stopped ({exc})", permanent=True)
+
+    class Observer(BaseObserver):
+        def __init__(self, fd: CountingInotifyFD) -> None:
+            self._fd = fd
+            fd.start()
+            super().__init__(
+                Emitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=fd, losses=fd.losses
+            )
+            self.name = "snapfs-journal-observer"
+
+        def on_thread_stop(self) -> None:
+            try:
+                super().on_thread_stop()
+            finally:
+                self._fd.stop()
+                if self._fd.ident is not None:
+                    self._fd.join()
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except Exception as exc:
+                _logger().exception("the watchdog observer thread failed")
+                self._fd.losses.record("gap", f"the observer stopped ({exc})", permanent=True)
+
+    class Handler(FileSystemEventHandler):
+        def __init__(self, sink: Callable[[FileSystemEvent], None]) -> None:
+            self._sink = sink
+
+        def dispatch(self, event: FileSystemEvent) -> None:
+            self._sink(event)
+
+    return CountingInotifyFD, Observer, Handler
+
+
+def _event_filter() -> list[Any]:
+    # No opened / closed-without-write events: reading files (a snapshot reads them all) must not
+    # fill the kernel queue. FileModifiedEvent also brings IN_ATTRIB (chmod changes the tree), and
+    # FileClosedEvent (IN_CLOSE_WRITE) catches writes through mmap, which raise no IN_MODIFY.
+    from watchdog import events as ev
+
+    return [
+        ev.FileCreatedEvent,
+        ev.DirCreatedEvent,
+        ev.FileDeletedEvent,
+        ev.DirDeletedEvent,
+        ev.FileMovedEvent,
+        ev.DirMovedEvent,
+        ev.FileModifiedEvent,
+        ev.FileClosedEvent,
+        ev.FileAttribEvent,
+        ev.DirAttribEvent,
+    ]
+
+
+def _start_backend(
+    root: str, losses: _Losses, sink: Callable[[FileSystemEvent], None]
+) -> _Backend:
+    """Choose and start the change-notification backend.
+
+    Only inotify: it reports its own overflows, so continuity can be proven. A polling observer
+    could not prove anything and would cost a full walk per poll, which is what the caller does
+    anyway when this raises :class:`JournalUnavailable`.
+    """
+    if not sys.platform.startswith("linux"):
+        raise JournalUnavailable(
+            "The change journal needs Linux inotify; snapfs compares the whole folder instead."
+        )
+    try:
+        fd_cls, observer_cls, handler_cls = _inotify_classes()
+    except Exception as exc:  # ImportError, or watchdog's UnsupportedLibcError without inotify
+        raise JournalUnavailable(
+            f"The change journal can't use inotify here ({exc}); snapfs compares the whole"
+            " folder instead."
+        ) from exc
+    try:
+        fd = fd_cls(losses)
+    except OSError as exc:
+        raise _unavailable(exc, root) from exc
+    observer: BaseObserver = observer_cls(fd)
+    try:
+        observer.schedule(handler_cls(sink), root, recursive=True, event_filter=_event_filter())
+        observer.start()  # adds every watch, in this thread: a failure on the root raises here
+    except BaseException as exc:
+        observer.stop()
+        if observer.ident is not None:
+            observer.join()
+        if isinstance(exc, OSError):
+            raise _unavailable(exc, root) from exc
+        raise
+    return _Backend(observer, (fd,))
+
+
+class Journal:
+    """A durable change journal for one project folder, fed by an inotify observer.
+
+    ``with Journal(root, db) as j:`` only guarantees :meth:`stop`; call :meth:`start` yourself
+    (it returns the first mark). ``db`` is the project's SQLite database (a path, or a connection
+    whose file is used); the journal writes through its own connection from its own thread.
+    ``on_modified`` is called from the writer thread with the relpath of every file written in
+    place, so the caller can warn when that file is a sealed hardlinked object.
+
+    Don't call :meth:`mark` while holding a write transaction on the same database: the writer
+    could not record the cookie and the mark would time out.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        db: sqlite3.Connection | Path,
+        *,
+        owner: str = "",
+        on_modified: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.run = uuid.uuid4().hex
+        self.owner = owner
+        self._on_modified = on_modified
+        self._root = os.path.realpath(os.fspath(root))
+        self._prefix = self._root.rstrip("/") + "/"
+        self._cookie_name = f"journal-cookie-{self.run}"
+        self._cookie_path = os.path.join(self._root, _STATE, self._cookie_name)
+        self._cookie_rel = os.fsencode(f"{_STATE}/{self._cookie_name}")
+
+        self._db: sqlite3.Connection | None
+        if isinstance(db, sqlite3.Connection):
+            self._db = db
+            self._db_path = self._path_of(db)
+        else:
+            self._db = None
+            self._db_path = Path(db)
+        connect(self._db_path, JOURNAL_SCHEMA).close()
+
+        self._queue: queue.SimpleQueue[_Row | None] = queue.SimpleQueue()
+        self._losses = _Losses(self._queue.put)
+        self._cond = threading.Condition()
+        self._waiting: set[str] = set()  # tokens a mark() is waiting for
+        self._cookie_seqs: dict[str, int] = {}
+        self._mark_lo: dict[str, int] = {}  # token -> loss count just before its cookie was written
+        self._mark_lock = threading.Lock()
+        self._tokens = 0
+        self._backend: _Backend | None = None
+        self._writer: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._write_error: str | None = None
+        self._running = False
+        self._dead_reported = False
+
+    @staticmethod
+    def _path_of(db: sqlite3.Connection) -> Path:
+        for _, name, file in db.execute("PRAGMA database_list").fetchall():
+            if name == "main" and file:
+                return Path(file)
+        raise JournalUnavailable("The change journal needs a database file, not an in-memory one.")
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self, timeout: float = 5.0) -> int:
+        """Start watching and prove the stream is live with a first mark; return its seq."""
+        if self._running:
+            return self.mark(timeout)
+        if not os.path.isdir(self._root):
+            raise JournalUnavailable(
+                f"snapfs can't watch {self._root} for changes: it is not a folder (or is gone)."
+            )
+        try:
+            os.makedirs(os.path.join(self._root, _STATE), exist_ok=True)
+        except OSError as exc:
+            raise _unavailable(exc, self._root) from exc
+        self._conn = connect(self._db_path, JOURNAL_SCHEMA)
+        # NORMAL, not FULL: in WAL mode it still commits in order, and any later FULL commit
+        # (a snapshot trusting these rows) makes every earlier journal frame durable with it.
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._write_error = None
+        self._dead_reported = False
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(self._conn,), name="snapfs-journal-writer", daemon=True
+        )
+        self._writer.start()
+        self._running = True
+        try:
+            self._backend = _start_backend(self._root, self._losses, self._on_fs_event)
+            _, _, degraded = self._losses.state()
+            if degraded is not None:
+                exc = self._losses.watch_error
+                if exc is not None:
+                    raise _unavailable(exc, self._root)
+                raise JournalUnavailable(f"snapfs can't watch {self._root} for changes: {degraded}.")
+            return self.mark(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop watching, record what is still queued, and join every thread. Idempotent."""
+        self._running = False
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            try:
+                backend.observer.stop()  # also stops the emitters and the inotify reader
+                if backend.observer.ident is not None:
+                    backend.observer.join()
+            finally:
+                for t in backend.threads:
+                    if t.ident is not None:
+                        t.join()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._queue.put(None)
+            writer.join()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        with self._cond:
+            self._cond.notify_all()
+        try:
+            os.unlink(self._cookie_path)
+        except OSError:
+            pass
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ---- marks --------------------------------------------------------------------------
+    def mark(self, timeout: float = 5.0) -> int:
+        """Write a cookie and wait until its event is recorded; return the cookie's seq.
+
+        Every event the kernel queued before this call is then in the journal with a smaller seq.
+        """
+        with self._mark_lock:
+            self._check_alive()
+            deadline = time.monotonic() + timeout
+            tokens: list[str] = []
+            try:
+                while True:
+                    token = self._write_cookie(tokens)
+                    retry_at = min(deadline, time.monotonic() + COOKIE_RETRY_SECONDS)
+                    with self._cond:
+                        while True:
+                            found = [self._cookie_seqs[t] for t in tokens if t in self._cookie_seqs]
+                            if found:
+                                return min(found)
+                            left = retry_at - time.monotonic()
+                            if left <= 0 or not self._running or self._write_error:
+                                break
+                            self._cond.wait(min(left, 0.1))
+                            if not self._threads_alive():
+                                break
+                    self._check_alive()
+                    if time.monotonic() >= deadline:
+                        self._losses.record("gap", "a journal mark timed out")
+                        raise JournalUnavailable(
+                            f"The change journal did not see its own marker file within {timeout:g}"
+                            f" s (token {token}); it can't vouch for recent changes.",
+                            hint="snapfs compares the whole folder instead.",
+                        )
+            finally:
+                with self._cond:
+                    for t in tokens:
+                        self._waiting.discard(t)
+                        self._cookie_seqs.pop(t, None)
+
+    def _write_cookie(self, tokens: list[str]) -> str:
+        self._tokens += 1
+        token = f"{self._tokens}"
+        tmp = f"{self._cookie_path}.{token}"
+        with self._cond:
+            self._waiting.add(token)
+        self._mark_lo[token] = self._losses.state()[0]  # before the write: see module docstring
+        tokens.append(token)
+        content = f"run={self.run} owner={self.owner} pid={os.getpid()}\n".encode()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, content)
+            finally:
+                os.close(fd)
+            # The rename's event names the temporary file, so it says which mark it belongs to.
+            os.replace(tmp, self._cookie_path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise JournalUnavailable(
+                f"The change journal can't write its marker file in {self._root}/{_STATE}"
+                f" ({exc.strerror or exc}).",
+                hint="snapfs compares the whole folder instead.",
+            ) from exc
+        return token
+
+    def _threads_alive(self) -> bool:
+        backend, writer = self._backend, self._writer
+        if backend is None or writer is None or not writer.is_alive():
+            return False
+        threads = [backend.observer, *backend.threads, *list(backend.observer.emitters)]
+        return all(t.is_alive() for t in threads)
+
+    def _check_alive(self) -> None:
+        if not self._running:
+            raise JournalUnavailable("The change journal is not running.")
+        if self._write_error:
+            raise JournalUnavailable(
+                f"The change journal can't write to {self._db_path.name} ({self._write_error}).",
+                hint="snapfs compares the whole folder instead.",
+            )
+        if not self._threads_alive():
+            if not self._dead_reported:
+                self._dead_reported = True
+                self._losses.record("gap", "the journal stopped watching", permanent=True)
+            raise JournalUnavailable(
+                f"The change journal stopped watching {self._root} (was the folder deleted or"
+                " moved?).",
+                hint="snapfs compares the whole folder instead.",
+            )
+
+    # ---- events (dispatcher thread; must never block on SQLite) --------------------------
+    def _on_fs_event(self, event: FileSystemEvent) -> None:
+        try:
+            self._record(event)
+        except Exception as exc:
+            _logger().exception("could not record a filesystem event")
+            self._losses.record("gap", f"an event could not be recorded ({exc})")
+
+    def _rel(self, path: bytes | str) -> bytes | None:
+        """Project-relative bytes, b"" for the root; None outside the project or in a state dir."""
+        p = os.fsdecode(path)
+        if not p.startswith(self._prefix):
+            return b"" if p == self._root else None
+        rel = p[len(self._prefix) :]
+        if _STATE in rel and _in_state_dir(rel):
+            return None
+        return os.fsencode(rel)
+
+    def _record(self, event: FileSystemEvent) -> None:
+        kind = event.event_type
+        now = time.time()
+        put = self._queue.put
+        if kind == "moved":
+            if os.fsdecode(event.dest_path) == self._cookie_path:
+                self._cookie_arrived(os.path.basename(os.fsdecode(event.src_path)), now)
+                return
+            src, dest = self._rel(event.src_path), self._rel(event.dest_path)
+            if src == b"" or dest == b"":
+                self._losses.record("gap", "the project folder itself was moved")
+            elif src is not None and dest is not None:
+                put(_Row("moved", src, dest, event.is_directory, now))
+            elif dest is not None:  # moved in from a state dir (a restore's staging): created
+                put(_Row("created", dest, None, event.is_directory, now))
+            elif src is not None:  # moved into a state dir: gone from the project
+                put(_Row("deleted", src, None, event.is_directory, now))
+            return
+        rel = self._rel(event.src_path)
+        if rel is None:
+            return
+        if rel == b"":
+            if kind == "deleted":
+                self._losses.record("gap", "the project folder itself was deleted", permanent=True)
+            return
+        if kind in ("created", "deleted"):
+            put(_Row(kind, rel, None, event.is_directory, now))
+        elif kind in ("modified", "closed", "attrib"):
+            # watchdog's DirModifiedEvent only echoes a change to an entry, whose parent is
+            # already a dirty dir; a directory's own chmod arrives as "attrib".
+            if kind == "modified" and event.is_directory:
+                return
+            put(_Row("modified", rel, None, event.is_directory, now))
+
+    def _cookie_arrived(self, name: str, now: float) -> None:
+        if not name.startswith(self._cookie_name + "."):
+            return
+        token = name[len(self._cookie_name) + 1 :]
+        lo = self._mark_lo.pop(token, -1)
+        self._queue.put(_Row("cookie", self._cookie_rel, token.encode(), False, now, token))
+        count, (kind, reason), degraded = self._losses.state()
+        if degraded is not None:
+            self._queue.put(_Row("gap", b"", degraded.encode(), False, now))
+        elif count > lo:
+            # A loss seen while this cookie was in flight may sit before it in seq order but after
+            # it in kernel order: repeat it after the cookie so the next interval sees it too.
+            self._queue.put(_Row(kind, b"", reason.encode(), False, now))
+
+    # ---- writer thread ------------------------------------------------------------------
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        q = self._queue
+        stopping = False
+        while not stopping:
+            first = q.get()
+            if first is None:
+                break
+            batch = [first]
+            deadline = time.monotonic() + BATCH_SECONDS
+            while len(batch) < BATCH_ROWS and first.kind != "cookie":
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    row = q.get(timeout=left)
+                except queue.Empty:
+                    break
+                if row is None:
+                    stopping = True
+                    break
+                batch.append(row)
+                if row.kind == "cookie":  # a mark() is waiting: don't sit on it
+                    break
+            try:
+                self._flush(conn, batch)
+            except Exception:  # never let the writer die: mark() would hang until its timeout
+                _logger().exception("the journal writer failed")
+        # Rows queued after the stop marker (none in practice: the observer is joined first).
+        rest: list[_Row] = []
+        while True:
+            try:
+                row = q.get_nowait()
+            except queue.Empty:
+                break
+            if row is not None:
+                rest.append(row)
+        if rest:
+            try:
+                self._flush(conn, rest)
+            except Exception:
+                _logger().exception("the journal writer failed")
+
+    def _flush(self, conn: sqlite3.Connection, batch: list[_Row]) -> None:
+        cookies: dict[str, int] = {}
+        modified: list[bytes] = []
+        sql = "INSERT INTO journal (run, time, kind, relpath, dest, is_dir) VALUES (?, ?, ?, ?, ?, ?)"
+        try:
+            with conn:
+                if self._write_error is not None:
+                    reason = f"journal rows could not be written ({self._write_error})"
+                    conn.execute(sql, (self.run, time.time(), "gap", b"", reason.encode(), 0))
+                prev: _Row | None = None
+                for row in batch:
+                    if (
+                        prev is not None
+                        and row.kind == prev.kind
+                        and row.relpath == prev.relpath
+                        and row.dest == prev.dest
+                        and row.kind != "cookie"
+                    ):
+                        continue  # a write's IN_MODIFY then IN_CLOSE_WRITE, say
+                    prev = row
+                    cur = conn.execute(
+                        sql, (self.run, row.time, row.kind, row.relpath, row.dest, row.is_dir)
+                    )
+                    if row.token is not None:
+                        cookies[row.token] = int(cur.lastrowid or 0)
+                    elif row.kind == "modified" and not row.is_dir:
+                        modified.append(row.relpath)
+        except sqlite3.Error as exc:
+            _logger().warning("could not write %d journal rows: %s", len(batch), exc)
+            with self._cond:
+                self._write_error = str(exc)
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._write_error = None
+            for token, seq in cookies.items():
+                if token in self._waiting:
+                    self._cookie_seqs[token] = seq
+            self._cond.notify_all()
+        if self._on_modified is not None:
+            for relpath in modified:
+                try:
+                    self._on_modified(relpath)
+                except Exception:
+                    _logger().exception("the on_modified hook failed for %r", relpath)
+
+    # ---- queries ------------------------------------------------------------------------
+    def _query(self, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        if self._db is not None:
+            return list(self._db.execute(sql, params).fetchall())
+        conn = connect(self._db_path, JOURNAL_SCHEMA)
+        try:
+            return list(conn.execute(sql, params).fetchall())
+        finally:
+            conn.close()
+
+    def _run_of(self, seq: int) -> tuple[str, str] | None:
+        rows = self._query("SELECT run, kind FROM journal WHERE seq = ?", (seq,))
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+    def events(self, since: int, until: int | None = None) -> list[JournalEvent]:
+        """The rows with ``since < seq < until`` (no upper bound if None), oldest first, of the
+        run that wrote ``since`` (this journal's run when ``since`` names no row)."""
+        found = self._run_of(since)
+        run = found[0] if found else self.run
+        hi = until if until is not None else (1 << 62)
+        rows = self._query(
+            "SELECT seq, time, kind, relpath, dest, is_dir FROM journal"
+            " WHERE run = ? AND seq > ? AND seq < ? ORDER BY seq",
+            (run, since, hi),
+        )
+        return [
+            JournalEvent(
+                int(seq), float(t), str(kind), bytes(rel), None if dest is None else bytes(dest),
+                bool(is_dir),
+            )
+            for seq, t, kind, rel, dest, is_dir in rows
+        ]
+
+    def touched(self, since: int, until: int) -> Touched:
+        """What changed strictly between marks ``since`` and ``until``.
+
+        ``continuous`` is True only when both are marks of the same run and no overflow or gap
+        was recorded between them; the path sets are filled in either way (as hints).
+        """
+        reason = ""
+        a, b = self._run_of(since), self._run_of(until)
+        if a is None or a[1] != "cookie":
+            reason = f"not started: {since} is not a journal mark"
+        elif b is None or b[1] != "cookie":
+            reason = f"not started: {until} is not a journal mark"
+        elif a[0] != b[0]:
+            reason = "gap: the marks belong to different journal runs"
+        elif until <= since:
+            reason = "gap: the interval is empty or reversed"
+        paths: set[bytes] = set()
+        dirty: set[bytes] = set()
+        new_dirs: set[bytes] = set()
+        for ev in self.events(since, until):
+            if ev.kind in LOSS_KINDS:
+                if not reason:
+                    why = (ev.dest or b"").decode(errors="replace")
+                    reason = f"{ev.kind}: {why}" if why else ev.kind
+                continue
+            if ev.kind not in CHANGE_KINDS:
+                continue
+            names = [ev.relpath] if ev.dest is None or ev.kind != "moved" else [ev.relpath, ev.dest]
+            for p in names:
+                paths.add(p)
+                dirty.add(_parent(p))
+                if ev.is_dir:
+                    dirty.add(p)
+            if ev.is_dir:
+                if ev.kind == "created":
+                    new_dirs.add(ev.relpath)
+                elif ev.kind == "moved" and ev.dest is not None:
+                    new_dirs.add(ev.dest)
+        return Touched(
+            continuous=not reason,
+            reason=reason,
+            paths=frozenset(paths),
+            dirty_dirs=frozenset(dirty),
+            new_dirs=frozenset(new_dirs),
+        )

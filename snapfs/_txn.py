@@ -1,0 +1,384 @@
+"""Transactions: a checkpoint on entry, an exact rollback on any exception, a change set on commit.
+
+::
+
+    with snapfs.transaction(project, label="import portrait") as tx:
+        run_the_import()          # any exception, KeyboardInterrupt included, rolls back
+    print(tx.changes)             # what the operation changed (added/modified/deleted/moved)
+
+The open transaction is recorded durably with its owner (pid, host, boot id, process start time).
+If the owner dies (kill -9, power loss), the next snapfs command on the project sees a dead owner
+and rolls the tree back to the checkpoint (or, with ``snapfs recover --keep``, keeps the partial
+state and marks it). A live owner is never disturbed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import ParamSpec, TypeVar
+
+from ._diff import ChangeSet
+from ._errors import UsageError
+from ._project import Project, SnapshotInfo
+from ._project import open as open_project
+from ._scan import ProgressFn, no_progress
+from ._state import TxnRow
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+AUTOMATIC_KINDS = ("auto", "pre-import")
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _proc_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot: tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process that owns an open transaction."""
+
+    pid: int
+    host: str
+    boot_id: str
+    start: str
+
+    @classmethod
+    def current(cls) -> Owner:
+        pid = os.getpid()
+        return cls(pid, socket.gethostname(), _boot_id(), _proc_start(pid))
+
+    @classmethod
+    def parse(cls, text: str) -> Owner:
+        try:
+            d = json.loads(text)
+            return cls(int(d["pid"]), str(d["host"]), str(d["boot_id"]), str(d["start"]))
+        except (ValueError, KeyError, TypeError):
+            return cls(0, "", "", "")  # unreadable owner: treated as dead on this host
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def alive(self) -> bool:
+        """Is the owner still running? An owner on another host is assumed alive."""
+        if self.host and self.host != socket.gethostname():
+            return True
+        if not self.pid or (self.boot_id and self.boot_id != _boot_id()):
+            return False
+        start = _proc_start(self.pid)
+        return bool(start) and (not self.start or start == self.start)
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host or 'unknown host'}"
+
+
+class Transaction:
+    """One operation that either completes or leaves the project exactly as it was."""
+
+    def __init__(
+        self,
+        project: Project,
+        label: str = "",
+        *,
+        post_snapshot: bool = False,
+        preserve: Sequence[str] = (),
+        progress: ProgressFn = no_progress,
+    ) -> None:
+        self.project = project
+        self.label = label
+        self.post_snapshot = post_snapshot
+        self.preserve = tuple(project.config.preserve) + tuple(preserve)
+        self.progress = progress
+        self.id: int | None = None
+        self.checkpoint: SnapshotInfo | None = None
+        self.post: SnapshotInfo | None = None
+        self.status = "new"
+        self._final: ChangeSet | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def __enter__(self) -> Transaction:
+        self.begin()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.status != "open":
+            return
+        if et is None:
+            self.commit()
+        else:
+            self.rollback(error=f"{et.__name__}: {e}" if str(e) else et.__name__)
+
+    def begin(self) -> None:
+        if self.status != "new":
+            raise UsageError("This transaction has already started.")
+        p = self.project
+        stack = p._transactions
+        parent = stack[-1].id if stack else None
+        what = self.label or "an operation"
+        self.checkpoint = p.snapshot(f"before {what}", kind="pre-op", progress=self.progress)
+        self.id = p.state.begin_txn(
+            label=self.label,
+            parent=parent,
+            checkpoint=self.checkpoint.id,
+            owner=Owner.current().dumps(),
+            preserve=json.dumps(list(self.preserve)),
+        )
+        self.status = "open"
+        stack.append(self)
+
+    def _pop(self) -> None:
+        stack = self.project._transactions
+        if self in stack:
+            del stack[stack.index(self) :]  # an inner one left open goes with its parent
+
+    # ---- what changed -------------------------------------------------------------------
+    @property
+    def changes(self) -> ChangeSet:
+        """What changed since the checkpoint (while open), or what the transaction did."""
+        if self._final is not None:
+            return self._final
+        assert self.checkpoint is not None, "the transaction has not started"
+        found: ChangeSet = self.project.change_set_since(self.checkpoint.id, progress=self.progress)
+        return found
+
+    # ---- ending -------------------------------------------------------------------------
+    def rollback(self, *, error: str | None = None) -> ChangeSet:
+        """Put the tree back exactly as it was at the checkpoint (preserved paths excepted)."""
+        if self.status != "open":
+            raise UsageError(f"This transaction is already {self.status}.")
+        assert self.checkpoint is not None and self.id is not None
+        undone = self.changes
+        try:
+            self.project.rollback_to_checkpoint(
+                self.checkpoint.id, preserve=self.preserve, progress=self.progress
+            )
+        finally:
+            self._pop()
+        self._final = undone
+        self.status = "rolled-back"
+        self.project.state.end_txn(
+            self.id, self.status, changes=json.dumps(undone.to_dict()), error=error
+        )
+        return undone
+
+    def commit(self) -> ChangeSet:
+        """Record the operation and what it changed; take the post snapshot if asked."""
+        if self.status != "open":
+            raise UsageError(f"This transaction is already {self.status}.")
+        assert self.id is not None
+        try:
+            done = self.changes
+            if self.post_snapshot:
+                what = self.label or "an operation"
+                self.post = self.project.snapshot(f"after {what}", kind="post")
+        finally:
+            self._pop()
+        self._final = done
+        self.status = "committed"
+        self.project.state.end_txn(
+            self.id,
+            self.status,
+            changes=json.dumps(done.to_dict()),
+            post=self.post.id if self.post else None,
+        )
+        return done
+
+
+def transaction(
+    project: Project | str | os.PathLike[str],
+    label: str = "",
+    *,
+    post_snapshot: bool = False,
+    preserve: Sequence[str] = (),
+    progress: ProgressFn = no_progress,
+) -> Transaction:
+    """A transaction on ``project`` (a Project or a path), for use in a ``with`` block."""
+    if isinstance(project, Project):
+        return Transaction(
+            project, label, post_snapshot=post_snapshot, preserve=preserve, progress=progress
+        )
+    return _OwnedTransaction(
+        open_project(project),
+        label,
+        post_snapshot=post_snapshot,
+        preserve=preserve,
+        progress=progress,
+    )
+
+
+class _OwnedTransaction(Transaction):
+    """A transaction that opened its project from a path, and closes it at the end."""
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            super().__exit__(et, e, tb)
+        finally:
+            self.project.close()
+
+
+# ---- checkpoints for host applications ----------------------------------------------------
+
+
+def checkpoint(
+    project: Project | str | os.PathLike[str], *, kind: str = "auto", label: str = ""
+) -> SnapshotInfo:
+    """Take a checkpoint, then prune automatic ones beyond the retention limit."""
+    with _project(project) as p:
+        info = p.snapshot(label, kind=kind)
+        if kind in AUTOMATIC_KINDS:
+            p.prune_automatic(p.config.auto_keep)
+        return info
+
+
+def checkpointed(
+    project: Project | str | os.PathLike[str] | None = None,
+    *,
+    kind: str = "pre-import",
+    label: str | None = None,
+    project_arg: str = "project",
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator: take a checkpoint of the project before every call.
+
+    The project is ``project`` if given, else the call's argument named ``project_arg``.
+    """
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        import inspect
+
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
+            target = project
+            if target is None:
+                bound = sig.bind_partial(*args, **kwargs)
+                if project_arg not in bound.arguments:
+                    raise UsageError(
+                        f"{fn.__name__}() was called without {project_arg!r}, so there is"
+                        " no project to checkpoint."
+                    )
+                target = bound.arguments[project_arg]
+            checkpoint(target, kind=kind, label=label or f"before {fn.__name__}")
+            return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+@contextmanager
+def _project(project: Project | str | os.PathLike[str]) -> Iterator[Project]:
+    if isinstance(project, Project):
+        yield project
+    else:
+        with open_project(project) as p:
+            yield p
+
+
+# ---- crash recovery -----------------------------------------------------------------------
+
+
+def dead_transactions(rows: list[TxnRow]) -> list[TxnRow]:
+    """Open transactions whose owner is gone, outermost first."""
+    return sorted((r for r in rows if not Owner.parse(r.owner).alive()), key=lambda r: r.id)
+
+
+def describe_owner(row: TxnRow) -> str:
+    return Owner.parse(row.owner).describe()
+
+
+# ---- wrapping a command -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a wrapped command ended, and what snapfs did about it."""
+
+    returncode: int  # the command's exit code; 128+N when it died of signal N
+    rolled_back: bool
+    changes: ChangeSet  # what the command changed (and, if rolled back, what was undone)
+    transaction: int
+    error: str = ""
+
+
+def run_command(
+    project: Project,
+    argv: Sequence[str],
+    *,
+    label: str = "",
+    post_snapshot: bool = False,
+    preserve: Sequence[str] = (),
+    progress: ProgressFn = no_progress,
+) -> RunResult:
+    """Run ``argv`` inside a transaction: a non-zero exit or a signal rolls the project back.
+
+    The command's stdin, stdout and stderr are the caller's. SIGINT, SIGTERM, SIGHUP and SIGQUIT
+    sent to this process are passed on to the command, which decides how to end.
+    """
+    import signal
+    import subprocess
+
+    if not argv:
+        raise UsageError("No command to run (put it after '--').")
+    tx = Transaction(
+        project,
+        label or " ".join(argv)[:200],
+        post_snapshot=post_snapshot,
+        preserve=preserve,
+        progress=progress,
+    )
+    tx.begin()
+    assert tx.id is not None
+    try:
+        child = subprocess.Popen(list(argv))
+    except OSError as exc:
+        undone = tx.rollback(error=f"could not start {argv[0]}: {exc.strerror}")
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        return RunResult(code, True, undone, tx.id, f"Could not run {argv[0]}: {exc.strerror}.")
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    previous = {s: signal.getsignal(s) for s in forwarded}
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    for s in forwarded:
+        signal.signal(s, forward)
+    try:
+        rc = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    code = rc if rc >= 0 else 128 - rc
+    if rc == 0:
+        return RunResult(0, False, tx.commit(), tx.id)
+    why = f"exit status {rc}" if rc > 0 else f"signal {-rc} ({signal.Signals(-rc).name})"
+    undone = tx.rollback(error=f"{argv[0]} ended with {why}")
+    return RunResult(code, True, undone, tx.id, f"{argv[0]} ended with {why}.")
