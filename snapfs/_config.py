@@ -61,6 +61,7 @@ class Config:
     preserve: tuple[str, ...] = ()  # gitignore-style patterns a rollback never touches
     auto_keep: int = 20  # automatic checkpoints kept by the retention policy
     crash_policy: str = "rollback"  # for a transaction whose owner died: rollback or keep
+    journal: bool = True  # watch transactions with inotify, so their work is O(changes)
 
 
 _ENV = {
@@ -75,6 +76,7 @@ _ENV = {
     "SNAPFS_PRESERVE": "preserve",
     "SNAPFS_AUTO_KEEP": "auto_keep",
     "SNAPFS_CRASH_POLICY": "crash_policy",
+    "SNAPFS_JOURNAL": "journal",
 }
 
 
@@ -87,7 +89,7 @@ def _coerce(name: str, value: Any, base: Path | None) -> Any:
             return LinkMode(str(value).lower())
         if name in ("hardlink_threshold", "pack_threshold"):
             return parse_size(value)
-        if name in ("compress", "verify_restore", "lock_wait"):
+        if name in ("compress", "verify_restore", "lock_wait", "journal"):
             return _parse_bool(value)
         if name == "preserve":
             items = value.split(os.pathsep) if isinstance(value, str) else value

@@ -233,8 +233,14 @@ def _inotify_classes() -> tuple[Any, Any, Any]:
     from watchdog.events import FileSystemEventHandler
     from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
     from watchdog.observers.inotify import InotifyEmitter
-    from watchdog.observers.inotify_c import CallbackId, InotifyEvent, InotifyFD, Mask
-    from watchdog.observers.inotify_c import WatchCallback, WatchDescriptor
+    from watchdog.observers.inotify_c import (
+        CallbackId,
+        InotifyEvent,
+        InotifyFD,
+        Mask,
+        WatchCallback,
+        WatchDescriptor,
+    )
 
     class CountingInotifyFD(InotifyFD):
         def __init__(self, losses: _Losses) -> None:
@@ -258,7 +264,13 @@ def _inotify_classes() -> tuple[Any, Any, Any]:
         ) -> WatchDescriptor:
             # watchdog skips a subfolder it can't watch without telling anyone; we must know.
             try:
-                wd = super().add_callback(path, mask, callback, id_)
+                with self._lock:
+                    watch = self._get_or_create_watch(path, mask)
+                    # watchdog re-adds the same callback whenever it re-walks a new folder whose
+                    # subfolders it already watches (mkdir -p), and warns each time; replacing
+                    # it is harmless, so do it quietly.
+                    watch.callbacks[id_] = callback
+                    wd = watch.wd
             except OSError as exc:
                 if exc.errno not in _BENIGN_WATCH_ERRNOS:  # gone already: nothing to watch
                     self.losses.watch_failed(path, exc)
@@ -341,9 +353,7 @@ def _event_filter() -> list[Any]:
     ]
 
 
-def _start_backend(
-    root: str, losses: _Losses, sink: Callable[[FileSystemEvent], None]
-) -> _Backend:
+def _start_backend(root: str, losses: _Losses, sink: Callable[[FileSystemEvent], None]) -> _Backend:
     """Choose and start the change-notification backend.
 
     Only inotify: it reports its own overflows, so continuity can be proven. A polling observer
@@ -469,10 +479,12 @@ class Journal:
             self._backend = _start_backend(self._root, self._losses, self._on_fs_event)
             _, _, degraded = self._losses.state()
             if degraded is not None:
-                exc = self._losses.watch_error
-                if exc is not None:
-                    raise _unavailable(exc, self._root)
-                raise JournalUnavailable(f"snapfs can't watch {self._root} for changes: {degraded}.")
+                watch_error = self._losses.watch_error
+                if watch_error is not None:
+                    raise _unavailable(watch_error, self._root)
+                raise JournalUnavailable(
+                    f"snapfs can't watch {self._root} for changes: {degraded}."
+                )
             return self.mark(timeout)
         except BaseException:
             self.stop()
@@ -721,7 +733,9 @@ class Journal:
     def _flush(self, conn: sqlite3.Connection, batch: list[_Row]) -> None:
         cookies: dict[str, int] = {}
         modified: list[bytes] = []
-        sql = "INSERT INTO journal (run, time, kind, relpath, dest, is_dir) VALUES (?, ?, ?, ?, ?, ?)"
+        sql = (
+            "INSERT INTO journal (run, time, kind, relpath, dest, is_dir) VALUES (?, ?, ?, ?, ?, ?)"
+        )
         try:
             with conn:
                 if self._write_error is not None:
@@ -791,7 +805,11 @@ class Journal:
         )
         return [
             JournalEvent(
-                int(seq), float(t), str(kind), bytes(rel), None if dest is None else bytes(dest),
+                int(seq),
+                float(t),
+                str(kind),
+                bytes(rel),
+                None if dest is None else bytes(dest),
                 bool(is_dir),
             )
             for seq, t, kind, rel, dest, is_dir in rows

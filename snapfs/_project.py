@@ -36,7 +36,7 @@ from ._ignore import Ignore
 from ._lock import Lock
 from ._objects import ObjectStore
 from ._restore import Intent, Op, apply_restore, finish, plan_restore, read_intent
-from ._scan import Progress, ProgressFn, ScanResult, no_progress, scan
+from ._scan import Hint, Progress, ProgressFn, ScanResult, no_progress, scan
 from ._state import KINDS, ProjectState, SnapshotRow
 from ._threads import executor
 from ._tree import Kind, decode, encode, tree_oid
@@ -285,7 +285,7 @@ class Project:
         """The snapshot most recently taken or restored (like git's HEAD)."""
         return self.state.head
 
-    def _scan_readonly(self, progress: ProgressFn) -> ScanResult:
+    def _scan_readonly(self, progress: ProgressFn, hint: Hint | None = None) -> ScanResult:
         return scan(
             self.root,
             ignore=Ignore.load(self.root),
@@ -293,6 +293,7 @@ class Project:
             batch=None,
             workers=self.config.workers,
             progress=progress,
+            hint=hint,
         )
 
     def _inline_max(self) -> int:
@@ -323,10 +324,15 @@ class Project:
         cur = self._scan_readonly(progress)
         return changes(self._overlay(cur.trees), ra.root, cur.root)
 
-    def change_set_since(self, ref: str | int, progress: ProgressFn = no_progress) -> ChangeSet:
-        """What changed in the working tree since snapshot ``ref``, with moves paired."""
+    def change_set_since(
+        self, ref: str | int, progress: ProgressFn = no_progress, hint: Hint | None = None
+    ) -> ChangeSet:
+        """What changed in the working tree since snapshot ``ref``, with moves paired.
+
+        A ``hint`` based on that snapshot limits the walk to the directories it names.
+        """
         base = self.resolve(ref)
-        cur = self._scan_readonly(progress)
+        cur = self._scan_readonly(progress, hint if hint and hint.base == base.root else None)
         return change_set(self._overlay(cur.trees), base.root, cur.root)
 
     # ---- snapshot -----------------------------------------------------------------------
@@ -453,16 +459,18 @@ class Project:
         *,
         preserve: Sequence[str] = (),
         progress: ProgressFn = no_progress,
+        hint: Hint | None = None,
     ) -> list[Op]:
         """Put the tree back to a checkpoint without saving the state being left.
 
         This is a transaction's rollback: the failed state is discarded (paths matching
-        ``preserve`` and ignored paths are kept as they are).
+        ``preserve`` and ignored paths are kept as they are). A journal ``hint`` based on the
+        checkpoint limits the work to the directories the operation touched.
         """
         with self._write_lock(f"rollback to {ref}"):
             self._recover_locked()
             target = self.resolve(ref)
-            cur = self._scan_readonly(progress)
+            cur = self._scan_readonly(progress, hint if hint and hint.base == target.root else None)
             if cur.root == target.root:
                 self.state.set_meta("head", str(target.id))
                 return []

@@ -27,7 +27,7 @@ from ._ignore import STATE_DIR
 from ._index import CacheEntry
 from ._objects import IngestBatch, Ingested
 from ._threads import executor
-from ._tree import Entry, Kind, encode, tree_oid
+from ._tree import Entry, Kind, decode, encode, tree_oid
 
 # Timestamps within this distance of the scan's start may share a clock tick with a write we
 # haven't seen (the "racy clean" problem): such cache entries are re-hashed next time.
@@ -49,6 +49,39 @@ class Progress:
 
 
 ProgressFn = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A change journal's proven account since tree ``base``: only ``dirty_dirs`` can differ.
+
+    Directories in ``new_dirs`` appeared meanwhile and are walked in full (a journal can miss
+    events in a directory created faster than it could be watched). Every other directory
+    outside the dirty ones is taken from ``base`` without being read.
+    """
+
+    base: Oid
+    load: Callable[[Oid], bytes | None]
+    dirty_dirs: frozenset[bytes]
+    new_dirs: frozenset[bytes]
+
+    def descend_set(self) -> set[bytes]:
+        """Every directory that must be listed: the dirty and new ones and their ancestors."""
+        out: set[bytes] = set()
+        for d in self.dirty_dirs | self.new_dirs:
+            while d not in out:
+                out.add(d)
+                if not d:
+                    break
+                d = d.rpartition(b"/")[0]
+        return out
+
+    def is_new(self, rel: bytes) -> bool:
+        while rel:
+            if rel in self.new_dirs:
+                return True
+            rel = rel.rpartition(b"/")[0]
+        return False
 
 
 def no_progress(_: Progress) -> None:
@@ -137,12 +170,17 @@ def scan(
     workers: int = 4,
     inline_max: int = 1 << 20,
     progress: ProgressFn = no_progress,
+    hint: Hint | None = None,
 ) -> ScanResult:
     """Build the tree objects for ``root``. With ``batch`` new content is stored, else only hashed.
 
     Files smaller than ``inline_max`` are read and hashed by the walker itself; larger ones go
-    to a pool of ``workers`` threads.
+    to a pool of ``workers`` threads. With a ``hint`` from a change journal, only the directories
+    it names are read; the rest of the tree is taken from the hint's base tree.
     """
+    descend = hint.descend_set() if hint is not None else set()
+    if hint is not None and b"" not in descend:
+        return ScanResult(root=hint.base, trees={})  # nothing happened anywhere
     try:
         root_fd = os.open(root, DIR_FLAGS)
     except NotADirectoryError:
@@ -162,6 +200,15 @@ def scan(
     seen_add = seen.add
     FILE = Kind.FILE
     counter = 0
+    listed: set[bytes] = set()
+    base_of: dict[bytes, Oid] = {b"": hint.base} if hint is not None else {}
+
+    def base_entries(rel: bytes) -> dict[bytes, Entry]:
+        oid = base_of.get(rel)
+        if hint is None or oid is None or hint.is_new(rel):
+            return {}
+        data = hint.load(oid)
+        return {e.name: e for e in decode(data)} if data is not None else {}
 
     def work(fd: int, st: os.stat_result, link_src: tuple[int, bytes] | None) -> Ingested:
         try:
@@ -185,6 +232,8 @@ def scan(
             raise from_oserror(exc, "Reading the project", root / os.fsdecode(rel)) from exc
         prefix = rel + b"/" if rel else b""
         get_cached = cache.get
+        listed.add(rel)
+        base = base_entries(rel) if hint is not None else {}
         with it:
             for de in it:
                 name = fsencode(de.name)
@@ -199,6 +248,14 @@ def scan(
                 if m & _IFMT == _IFDIR:
                     if check_ignore and ignore(relpath + b"/"):
                         continue
+                    if hint is not None:
+                        old = base.get(name)
+                        if old is not None and old.kind == Kind.DIR:
+                            if relpath not in descend and not hint.is_new(relpath):
+                                # Untouched since the base: reuse its subtree unread.
+                                items.append(Entry(name, Kind.DIR, stat.S_IMODE(m), 0, old.oid))
+                                continue
+                            base_of[relpath] = old.oid
                     subdirs.append((name, stat.S_IMODE(m)))
                     items.append((name, stat.S_IMODE(m)))
                     continue
@@ -314,7 +371,12 @@ def scan(
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
-    result.cache_deletes = [p for p in cache if p not in seen]
+    if hint is None:
+        result.cache_deletes = [p for p in cache if p not in seen]
+    else:  # only directories that were read can say a file is gone
+        result.cache_deletes = [
+            p for p in cache if p not in seen and p.rpartition(b"/")[0] in listed
+        ]
     progress(Progress("scan", counter, counter))
     return result
 

@@ -23,14 +23,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from ._diff import ChangeSet
 from ._errors import UsageError
 from ._project import Project, SnapshotInfo
 from ._project import open as open_project
-from ._scan import ProgressFn, no_progress
+from ._scan import Hint, ProgressFn, no_progress
 from ._state import TxnRow
+
+if TYPE_CHECKING:
+    from ._journal import Journal
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -114,7 +117,11 @@ class Transaction:
         self.checkpoint: SnapshotInfo | None = None
         self.post: SnapshotInfo | None = None
         self.status = "new"
+        self.warnings: list[str] = []
         self._final: ChangeSet | None = None
+        self._journal: Journal | None = None
+        self._since = 0
+        self.journal_note = ""  # why the journal could not be used, if it couldn't
 
     # ---- lifecycle ----------------------------------------------------------------------
     def __enter__(self) -> Transaction:
@@ -138,7 +145,13 @@ class Transaction:
         stack = p._transactions
         parent = stack[-1].id if stack else None
         what = self.label or "an operation"
-        self.checkpoint = p.snapshot(f"before {what}", kind="pre-op", progress=self.progress)
+        if p.config.journal:
+            self._start_journal()  # before the checkpoint: nothing can slip between the two
+        try:
+            self.checkpoint = p.snapshot(f"before {what}", kind="pre-op", progress=self.progress)
+        except BaseException:
+            self._stop_journal()
+            raise
         self.id = p.state.begin_txn(
             label=self.label,
             parent=parent,
@@ -153,6 +166,57 @@ class Transaction:
         stack = self.project._transactions
         if self in stack:
             del stack[stack.index(self) :]  # an inner one left open goes with its parent
+        self._stop_journal()
+
+    # ---- the journal: limits the work of changes/rollback to what was touched ------------
+    def _start_journal(self) -> None:
+        from ._journal import Journal, JournalUnavailable
+
+        p = self.project
+        try:
+            self._journal = Journal(
+                p.root, p.state.path, owner=Owner.current().dumps(), on_modified=self._modified
+            )
+            self._since = self._journal.start()
+        except JournalUnavailable as exc:
+            self.journal_note = str(exc)
+            self._stop_journal()
+
+    def _stop_journal(self) -> None:
+        if self._journal is not None:
+            self._journal.stop()
+            self._journal = None
+
+    def _hint(self) -> Hint | None:
+        """The journal's account since the checkpoint, if its continuity is proven."""
+        from ._journal import JournalUnavailable
+
+        if self._journal is None or self.checkpoint is None:
+            return None
+        try:
+            until = self._journal.mark()
+        except JournalUnavailable as exc:
+            self.journal_note = str(exc)
+            return None
+        touched = self._journal.touched(self._since, until)
+        if not touched.continuous:
+            self.journal_note = f"the journal lost events ({touched.reason}); compared everything"
+            return None
+        return Hint(
+            bytes.fromhex(self.checkpoint.root),
+            self.project.state.tree,
+            touched.dirty_dirs,
+            touched.new_dirs,
+        )
+
+    def _modified(self, relpath: bytes) -> None:
+        """Called by the journal for each file written in place: a sealed object is damaged."""
+        entry = self.project.state.load_cache().get(relpath)
+        if entry is not None and self.project.store.seal_of(entry.oid) is not None:
+            self.warnings.append(
+                f"{os.fsdecode(relpath)} was written in place; it is stored as a hardlink, so the"
+                " checkpoint's copy of it is damaged too (run 'snapfs verify')."
+            )
 
     # ---- what changed -------------------------------------------------------------------
     @property
@@ -161,7 +225,9 @@ class Transaction:
         if self._final is not None:
             return self._final
         assert self.checkpoint is not None, "the transaction has not started"
-        found: ChangeSet = self.project.change_set_since(self.checkpoint.id, progress=self.progress)
+        found: ChangeSet = self.project.change_set_since(
+            self.checkpoint.id, progress=self.progress, hint=self._hint()
+        )
         return found
 
     # ---- ending -------------------------------------------------------------------------
@@ -170,10 +236,13 @@ class Transaction:
         if self.status != "open":
             raise UsageError(f"This transaction is already {self.status}.")
         assert self.checkpoint is not None and self.id is not None
-        undone = self.changes
+        hint = self._hint()
         try:
+            undone = self.project.change_set_since(
+                self.checkpoint.id, progress=self.progress, hint=hint
+            )
             self.project.rollback_to_checkpoint(
-                self.checkpoint.id, preserve=self.preserve, progress=self.progress
+                self.checkpoint.id, preserve=self.preserve, progress=self.progress, hint=hint
             )
         finally:
             self._pop()
