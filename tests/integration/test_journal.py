@@ -84,7 +84,7 @@ def test_records_kinds_with_bytes_relpaths(root: Path, journal: Journal) -> None
 
     (root / "a.txt").write_text("hello")
     (root / "d").mkdir()
-    os.rename(root / "a.txt", root / "d" / "b.txt")
+    os.rename(root / "a.txt", root / "old" / "b.txt")  # into a watched dir: a paired move
     os.unlink(root / "old" / "gone")
     os.rename(root / "olddir", root / "newdir")
     os.rmdir(root / "newdir")
@@ -97,7 +97,7 @@ def test_records_kinds_with_bytes_relpaths(root: Path, journal: Journal) -> None
     assert ("created", b"a.txt", None, False) in got
     assert ("modified", b"a.txt", None, False) in got
     assert ("created", b"d", None, True) in got
-    assert ("moved", b"a.txt", b"d/b.txt", False) in got
+    assert ("moved", b"a.txt", b"old/b.txt", False) in got
     assert ("deleted", b"old/gone", None, False) in got
     assert ("moved", b"olddir", b"newdir", True) in got
     assert ("deleted", b"newdir", None, True) in got
