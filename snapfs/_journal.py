@@ -132,9 +132,24 @@ class _Row(NamedTuple):
     token: str | None = None
 
 
+@functools.cache
+def _quiet_loggers() -> None:
+    """Keep watchdog's and our warnings off the terminal unless the application routes them.
+
+    Without any handler, logging's last resort prints warnings to stderr; an overflow would then
+    scribble over the output of the command ``snapfs run`` wraps. The journal records every loss
+    itself, as a row, so a NullHandler loses nothing; an application's own handlers still work.
+    """
+    import logging
+
+    for name in ("watchdog", "snapfs.journal"):
+        logging.getLogger(name).addHandler(logging.NullHandler())
+
+
 def _logger() -> logging.Logger:
     import logging  # imported on first use: most commands never journal
 
+    _quiet_loggers()
     return logging.getLogger("snapfs.journal")
 
 
@@ -230,10 +245,12 @@ def _inotify_classes() -> tuple[Any, Any, Any]:
 
     Imported lazily: ``inotify_c`` loads libc's inotify functions and fails off Linux.
     """
+    _quiet_loggers()
     from watchdog.events import FileSystemEventHandler
     from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
     from watchdog.observers.inotify import InotifyEmitter
     from watchdog.observers.inotify_c import (
+        DEFAULT_EVENT_BUFFER_SIZE,
         CallbackId,
         InotifyEvent,
         InotifyFD,
@@ -243,10 +260,18 @@ def _inotify_classes() -> tuple[Any, Any, Any]:
     )
 
     class CountingInotifyFD(InotifyFD):
-        def __init__(self, losses: _Losses) -> None:
+        def __init__(self, losses: _Losses, gate: threading.Lock) -> None:
             self.losses = losses
+            self._gate = gate
             super().__init__()
             self.name = "snapfs-journal-inotify"
+
+        def read_events(
+            self, *, event_buffer_size: int = DEFAULT_EVENT_BUFFER_SIZE
+        ) -> list[InotifyEvent]:
+            events = super().read_events(event_buffer_size=event_buffer_size)
+            with self._gate:  # a testing aid: holding it stalls the reader like a busy consumer
+                return events
 
         def handle_event(self, event: InotifyEvent) -> None:
             # Runs in the reader thread, in kernel order: record the loss before watchdog drops
@@ -353,7 +378,9 @@ def _event_filter() -> list[Any]:
     ]
 
 
-def _start_backend(root: str, losses: _Losses, sink: Callable[[FileSystemEvent], None]) -> _Backend:
+def _start_backend(
+    root: str, losses: _Losses, gate: threading.Lock, sink: Callable[[FileSystemEvent], None]
+) -> _Backend:
     """Choose and start the change-notification backend.
 
     Only inotify: it reports its own overflows, so continuity can be proven. A polling observer
@@ -372,7 +399,7 @@ def _start_backend(root: str, losses: _Losses, sink: Callable[[FileSystemEvent],
             " folder instead."
         ) from exc
     try:
-        fd = fd_cls(losses)
+        fd = fd_cls(losses, gate)
     except OSError as exc:
         raise _unavailable(exc, root) from exc
     observer: BaseObserver = observer_cls(fd)
@@ -437,12 +464,15 @@ class Journal:
         self._mark_lo: dict[str, int] = {}  # token -> loss count just before its cookie was written
         self._mark_lock = threading.Lock()
         self._tokens = 0
+        self._count_at_cookie = 0
         self._backend: _Backend | None = None
         self._writer: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._write_error: str | None = None
         self._running = False
         self._dead_reported = False
+        # Held by tests to stall the inotify reader, so the kernel queue overflows on demand.
+        self._reader_gate = threading.Lock()
 
     @staticmethod
     def _path_of(db: sqlite3.Connection) -> Path:
@@ -476,7 +506,9 @@ class Journal:
         self._writer.start()
         self._running = True
         try:
-            self._backend = _start_backend(self._root, self._losses, self._on_fs_event)
+            self._backend = _start_backend(
+                self._root, self._losses, self._reader_gate, self._on_fs_event
+            )
             _, _, degraded = self._losses.state()
             if degraded is not None:
                 watch_error = self._losses.watch_error
@@ -677,9 +709,12 @@ class Journal:
         if not name.startswith(self._cookie_name + "."):
             return
         token = name[len(self._cookie_name) + 1 :]
-        lo = self._mark_lo.pop(token, -1)
+        # A mark written by another process (snapfs watch serving a snapshot) has no recorded
+        # counter: repeat any loss seen since the previous cookie, which is conservative.
+        lo = self._mark_lo.pop(token, self._count_at_cookie)
         self._queue.put(_Row("cookie", self._cookie_rel, token.encode(), False, now, token))
         count, (kind, reason), degraded = self._losses.state()
+        self._count_at_cookie = count
         if degraded is not None:
             self._queue.put(_Row("gap", b"", degraded.encode(), False, now))
         elif count > lo:

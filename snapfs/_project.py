@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ._txn import Transaction
 
 from ._config import Config, load_config
-from ._diff import Changes, ChangeSet, TreeLoader, change_set, changes
+from ._diff import Changes, ChangeSet, TreeLoader, change_set, changes, walk_diff, walk_tree
 from ._errors import (
     NotAProject,
     ObjectCorrupt,
@@ -39,7 +39,8 @@ from ._restore import Intent, Op, apply_restore, finish, plan_restore, read_inte
 from ._scan import Hint, Progress, ProgressFn, ScanResult, no_progress, scan
 from ._state import KINDS, ProjectState, SnapshotRow
 from ._threads import executor
-from ._tree import Kind, decode, encode, tree_oid
+from ._tree import Entry, Kind, decode, encode, tree_oid
+from ._watch import Mark, external_mark, last_mark, remember_mark, touched_between
 
 STATE_DIR = ".snapfs"
 _LATEST = re.compile(r"^latest(?:~(\d+))?$")
@@ -306,9 +307,14 @@ class Project:
         load = self.state.tree
         return lambda oid: extra.get(oid) or load(oid)
 
+    def _scan_current(self, progress: ProgressFn) -> ScanResult:
+        """The working tree's trees, read only where ``snapfs watch`` saw changes if it runs."""
+        _mark, hint, _base = self._watch_hint()
+        return self._scan_readonly(progress, hint)
+
     def status(self, progress: ProgressFn = no_progress) -> Changes:
         """Changes in the working tree since HEAD (everything is 'added' before any snapshot)."""
-        cur = self._scan_readonly(progress)
+        cur = self._scan_current(progress)
         head = self.state.head
         row = self.state.snapshot(head) if head is not None else None
         base = row.root if row else _empty_tree(cur)
@@ -321,7 +327,7 @@ class Project:
         ra = self.resolve(a)
         if b is not None:
             return changes(self._load(), ra.root, self.resolve(b).root)
-        cur = self._scan_readonly(progress)
+        cur = self._scan_current(progress)
         return changes(self._overlay(cur.trees), ra.root, cur.root)
 
     def change_set_since(
@@ -363,6 +369,7 @@ class Project:
         root equals ``skip_if_root`` and so nothing was recorded."""
         t0 = time.monotonic()
         self.store.sweep_leftovers()
+        mark, hint, base = self._watch_hint()
         self.store.lock.acquire(shared=True, wait=True)
         try:
             batch = self.store.batch()
@@ -375,10 +382,15 @@ class Project:
                     workers=self.config.workers,
                     inline_max=self._inline_max(),
                     progress=progress,
+                    hint=hint,
                 )
+                if base is not None:  # a journal-guided scan read only part of the tree
+                    res.files, res.nbytes = _totals(self._overlay(res.trees), base, res.root)
                 if skip_if_root is not None and res.root == skip_if_root:
                     batch.abort()
                     self.state.update_cache(res.cache_updates, res.cache_deletes)
+                    if mark is not None and self.state.head is not None:
+                        remember_mark(self, mark, self.state.head)
                     return None, res.root
                 batch.commit()
                 new_objects = batch.new_objects_committed
@@ -399,9 +411,28 @@ class Project:
                 cache_deletes=res.cache_deletes,
                 set_head=set_head,
             )
+            if mark is not None:
+                remember_mark(self, mark, sid)
             return sid, res.root
         finally:
             self.store.lock.release()
+
+    def _watch_hint(self) -> tuple[Mark | None, Hint | None, SnapshotRow | None]:
+        """With ``snapfs watch`` running: a fresh mark, and a hint if the journal proves what
+        changed since the last watched snapshot (which is then the scan's base)."""
+        if not self.config.journal:
+            return None, None, None
+        mark = external_mark(self)
+        if mark is None:
+            return None, None, None
+        last = last_mark(self)
+        if last is None:
+            return mark, None, None
+        base = self.state.snapshot(last[1])
+        touched = touched_between(self, last[0], mark) if base is not None else None
+        if base is None or touched is None or not touched.continuous:
+            return mark, None, None
+        return mark, Hint(base.root, self.state.tree, touched.dirty_dirs, touched.new_dirs), base
 
     # ---- restore ------------------------------------------------------------------------
     def restore(
@@ -786,6 +817,28 @@ class Project:
         if not dry_run:
             self.state.delete_trees(dead_trees)
         return GcReport(doomed, swept.objects, len(dead_trees), swept.freed, dry_run)
+
+
+def _totals(load: TreeLoader, base: SnapshotRow, root: Oid) -> tuple[int, int]:
+    """Files and bytes of tree ``root``, from ``base``'s totals and the diff: O(changes)."""
+    files, nbytes = base.files, base.bytes
+
+    def count(e: Entry, path: bytes) -> tuple[int, int]:
+        if e.kind == Kind.FILE:
+            return 1, e.size
+        if e.kind == Kind.DIR:
+            sub = [x for _p, x in walk_tree(load, e.oid, path) if x.kind == Kind.FILE]
+            return len(sub), sum(x.size for x in sub)
+        return 0, 0
+
+    for path, old, new in walk_diff(load, base.root, root):
+        if old is not None and not (new is not None and old.kind == new.kind == Kind.DIR):
+            f, b = count(old, path)
+            files, nbytes = files - f, nbytes - b
+        if new is not None and not (old is not None and old.kind == new.kind == Kind.DIR):
+            f, b = count(new, path)
+            files, nbytes = files + f, nbytes + b
+    return files, nbytes
 
 
 def _mark(load: TreeLoader, roots: list[Oid], trees: set[Oid], objects: set[Oid]) -> None:

@@ -34,6 +34,7 @@ from ._state import TxnRow
 
 if TYPE_CHECKING:
     from ._journal import Journal
+    from ._watch import WatchView
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -119,7 +120,7 @@ class Transaction:
         self.status = "new"
         self.warnings: list[str] = []
         self._final: ChangeSet | None = None
-        self._journal: Journal | None = None
+        self._journal: Journal | WatchView | None = None
         self._since = 0
         self.journal_note = ""  # why the journal could not be used, if it couldn't
 
@@ -171,12 +172,16 @@ class Transaction:
     # ---- the journal: limits the work of changes/rollback to what was touched ------------
     def _start_journal(self) -> None:
         from ._journal import Journal, JournalUnavailable
+        from ._watch import WatchView, external_mark
 
         p = self.project
         try:
-            self._journal = Journal(
-                p.root, p.state.path, owner=Owner.current().dumps(), on_modified=self._modified
-            )
+            if external_mark(p, timeout=0.5) is not None:
+                self._journal = WatchView(p)  # snapfs watch is running: use its journal
+            else:
+                self._journal = Journal(
+                    p.root, p.state.path, owner=Owner.current().dumps(), on_modified=self._modified
+                )
             self._since = self._journal.start()
         except JournalUnavailable as exc:
             self.journal_note = str(exc)

@@ -356,6 +356,24 @@ def _txn_dict(r: Any) -> dict[str, Any]:
 
 
 @cli.command()
+@pass_ctx
+def watch(c: Ctx) -> None:
+    """Watch the project for changes (foreground), so snapshots and transactions read only
+    what changed. Stop it with Ctrl-C or SIGTERM; run it under systemd for always-on use."""
+    from snapfs._watch import serve
+
+    with c.open() as p:
+
+        def ready(run: str) -> None:
+            click.echo(safe(f"Watching {p.root} (journal run {run[:8]}). Ctrl-C stops."), err=True)
+
+        try:
+            serve(p, on_ready=ready)
+        except KeyboardInterrupt:
+            click.echo("Stopped watching.", err=True)
+
+
+@cli.command()
 @click.option("--keep", is_flag=True, help="Keep the demo folder afterwards.")
 def demo(keep: bool) -> None:
     """Make a sample project, snapshot it, break it, and roll it back."""

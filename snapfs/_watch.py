@@ -1,0 +1,170 @@
+"""``snapfs watch``: a long-lived change journal, so snapshots between operations are O(changes).
+
+The watcher runs a :class:`~snapfs._journal.Journal` and advertises its run in the project's
+meta table. Any other snapfs process can then ask it for a *mark*: it writes the watcher's
+cookie file with its own token and waits until the watcher has recorded that cookie, which
+proves every earlier event is recorded (inotify delivers in order). A snapshot taken right after
+mark M remembers M; the next snapshot asks for a new mark N and, if the journal proves
+continuity between M and N, reads only the directories touched in between (git's fsmonitor
+idea). Without a live watcher, or without proven continuity, it walks everything as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the journal (and watchdog) load only when a watcher is in play
+    from ._journal import Touched
+    from ._project import Project
+
+WATCH_KEY = "watch"  # meta: the live watcher {"run", "owner"}
+MARK_KEY = (
+    "watch_mark"  # meta: the mark the last snapshot was taken after {"run", "seq", "snapshot"}
+)
+POLL_S = 0.003
+
+
+@dataclass(frozen=True)
+class Mark:
+    run: str
+    seq: int
+
+
+def _watcher(project: Project) -> tuple[str, str] | None:
+    """(run, owner JSON) of a live watcher of this project, if there is one."""
+    from ._txn import Owner
+
+    raw = project.state.get_meta(WATCH_KEY)
+    if not raw:
+        return None
+    try:
+        d = json.loads(raw)
+        run, owner = str(d["run"]), str(d["owner"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return (run, owner) if Owner.parse(owner).alive() else None
+
+
+def external_mark(project: Project, timeout: float = 2.0) -> Mark | None:
+    """Have the live watcher record a mark now. None if there is no watcher or it is too slow."""
+    w = _watcher(project)
+    if w is None:
+        return None
+    run = w[0]
+    cookie = project.state_dir / f"journal-cookie-{run}"
+    token = f"x{os.getpid()}-{secrets.token_hex(6)}"
+    tmp = cookie.with_name(f"{cookie.name}.{token}")
+    try:
+        tmp.write_bytes(f"mark by pid {os.getpid()}\n".encode())
+        os.replace(tmp, cookie)  # the rename's event names the token
+    except OSError:
+        return None
+    deadline = time.monotonic() + timeout
+    db = project.state.db
+    while True:
+        row = db.execute(
+            "SELECT seq FROM journal WHERE run = ? AND kind = 'cookie' AND dest = ?",
+            (run, token.encode()),
+        ).fetchone()
+        if row is not None:
+            return Mark(run, int(row[0]))
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(POLL_S)
+
+
+def touched_between(project: Project, since: Mark, until: Mark) -> Touched | None:
+    from ._journal import Journal
+
+    if since.run != until.run:
+        return None
+    return Journal(project.root, project.state.path).touched(since.seq, until.seq)
+
+
+def last_mark(project: Project) -> tuple[Mark, int] | None:
+    """The mark the last watched snapshot was taken after, and that snapshot's id."""
+    raw = project.state.get_meta(MARK_KEY)
+    if not raw:
+        return None
+    try:
+        d = json.loads(raw)
+        return Mark(str(d["run"]), int(d["seq"])), int(d["snapshot"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def remember_mark(project: Project, mark: Mark, snapshot: int) -> None:
+    project.state.set_meta(
+        MARK_KEY, json.dumps({"run": mark.run, "seq": mark.seq, "snapshot": snapshot})
+    )
+
+
+class WatchView:
+    """The live watcher's journal, used the way a transaction uses its own Journal."""
+
+    def __init__(self, project: Project) -> None:
+        self.project = project
+        self.first: Mark | None = None
+
+    def start(self, timeout: float = 2.0) -> int:
+        from ._journal import JournalUnavailable
+
+        m = external_mark(self.project, timeout)
+        if m is None:
+            raise JournalUnavailable("snapfs watch is not answering.")
+        self.first = m
+        return m.seq
+
+    def mark(self, timeout: float = 2.0) -> int:
+        from ._journal import JournalUnavailable
+
+        m = external_mark(self.project, timeout)
+        if m is None or self.first is None or m.run != self.first.run:
+            raise JournalUnavailable("snapfs watch stopped during the operation.")
+        return m.seq
+
+    def touched(self, since: int, until: int) -> Touched:
+        from ._journal import Journal
+
+        assert self.first is not None
+        return Journal(self.project.root, self.project.state.path).touched(since, until)
+
+    def stop(self) -> None:
+        pass
+
+
+def serve(
+    project: Project,
+    *,
+    stop: threading.Event | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run the journal until ``stop`` is set (or KeyboardInterrupt / SIGTERM)."""
+    from ._errors import UsageError
+    from ._journal import Journal
+    from ._txn import Owner
+
+    if _watcher(project) is not None:
+        raise UsageError("snapfs watch is already running for this project.")
+    me = Owner.current().dumps()
+    journal = Journal(project.root, project.state.path, owner=me)
+    journal.start()
+    project.state.set_meta(WATCH_KEY, json.dumps({"run": journal.run, "owner": me}))
+    try:
+        if on_ready is not None:
+            on_ready(journal.run)
+        stop = stop or threading.Event()
+        while not stop.wait(1.0):
+            journal.mark()  # a liveness check: raises if the observer died
+    finally:
+        raw = project.state.get_meta(WATCH_KEY)
+        if raw and json.loads(raw).get("run") == journal.run:
+            project.state.set_meta(WATCH_KEY, None)
+        journal.stop()
