@@ -1,9 +1,11 @@
-"""snapfs benchmark: snapfs vs git / restic / borg / rsync --link-dest / cp -al (/ cp --reflink).
+"""snapfs benchmark: snapfs vs git / restic / borg / rsync --link-dest / cp -al (/ cp --reflink),
+and snapfs transactions (entry, rollback, wrapping overhead) vs git and the walk floor.
 
 Run from the repository root::
 
-    python -m benchmarks.run --scale 0.05 --repeat 1      # smoke run, < 1 minute
-    python -m benchmarks.run --fs all --out results.json  # full run
+    python -m benchmarks.run --scale 0.05 --repeat 1 --txn-repeat 2 --txn-rollbacks 1  # smoke
+    python -m benchmarks.run --fs all --out results.json  # full run, both suites
+    python -m benchmarks.run --suite txn                  # only the transaction suite
 
 See benchmarks/README.md for what is measured.
 """
@@ -29,10 +31,11 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import genproject, report, treecheck
+from benchmarks import genproject, report, treecheck, txn
 from benchmarks.tools import ALL_TOOLS, CmdError, Snapfs, Tool, Unsupported, fs_used_bytes, run
 
 FS_KINDS = ["main", "ext4-loop", "xfs-loop"]
+SUITES = ["core", "txn"]
 DEFAULT_PEERS = ["git", "restic", "borg", "rsync", "cp-al", "cp-reflink"]
 PEER_ALIASES = {"cp": "cp-al", "reflink": "cp-reflink"}
 FLOORS_SCRIPT = Path(__file__).resolve().parent / "floors.py"
@@ -268,11 +271,16 @@ def select_tools(peers: list[str], fs: str) -> list[type[Tool]]:
     return chosen
 
 
-def bench_fs(fs: str, base: Path, args: argparse.Namespace) -> dict[str, Any]:
+def make_pristine(fs: str, base: Path, scale: float) -> Path:
+    """Generate the project once per filesystem; every suite copies it."""
     pristine = base / "pristine"
-    log(f"[{fs}] generating project (scale {args.scale}) in {pristine}")
-    genproject.generate(pristine, args.scale)
+    log(f"[{fs}] generating project (scale {scale}) in {pristine}")
+    genproject.generate(pristine, scale)
     warm_read(pristine)
+    return pristine
+
+
+def bench_fs(fs: str, base: Path, pristine: Path, args: argparse.Namespace) -> dict[str, Any]:
     expected = treecheck.manifest(pristine)
     floors = run_floors(pristine, args.repeat)
     info = {
@@ -312,6 +320,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=3, help="repeats per tool; medians are reported")
     ap.add_argument("--fs", choices=[*FS_KINDS, "all"], default="main")
     ap.add_argument(
+        "--suite",
+        default=",".join(SUITES),
+        help="comma list: core (snapshot/status/restore vs peers), txn (transactions)",
+    )
+    ap.add_argument(
+        "--txn-repeat", type=int, default=5, help="txn suite: samples per timing (median shown)"
+    )
+    ap.add_argument(
+        "--txn-rollbacks", type=int, default=3, help="txn suite: rollback repetitions (median)"
+    )
+    ap.add_argument(
         "--peers",
         default=",".join(DEFAULT_PEERS),
         help=f"comma list from {DEFAULT_PEERS} (aliases: cp, reflink); 'none' for snapfs only",
@@ -333,6 +352,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown peers {unknown}; choose from {DEFAULT_PEERS}")
     args.peers = names
+    args.suite = [s.strip() for s in args.suite.split(",") if s.strip()]
+    if not args.suite or set(args.suite) - set(SUITES):
+        ap.error(f"--suite: choose from {SUITES}")
+    if min(args.repeat, args.txn_repeat, args.txn_rollbacks) < 1:
+        ap.error("--repeat, --txn-repeat and --txn-rollbacks must be at least 1")
     if (args.fs != "main") and os.geteuid() != 0:
         ap.error("loop mounts need root")
     return args
@@ -372,7 +396,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for fs in FS_KINDS if args.fs == "all" else [args.fs]:
             with filesystem(fs, workdir, args.scale) as base:
-                results["filesystems"][fs] = bench_fs(fs, base, args)
+                pristine = make_pristine(fs, base, args.scale)
+                done: dict[str, Any] = {}
+                results["filesystems"][fs] = done
+                if "core" in args.suite:
+                    done.update(bench_fs(fs, base, pristine, args))
+                    args.out.write_text(json.dumps(results, indent=1))
+                if "txn" in args.suite:
+                    done["txn"] = txn.bench_txn(fs, base, pristine, args)
             args.out.write_text(json.dumps(results, indent=1))  # keep partial results
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

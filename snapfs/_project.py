@@ -7,7 +7,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -247,9 +248,14 @@ class Project:
     ) -> None:
         self.close()
 
-    def _write_lock(self, purpose: str) -> Lock:
+    @contextmanager
+    def _write_lock(self, purpose: str) -> Iterator[None]:
+        """Hold the project's writer lock for the block (re-entrant within this Project)."""
         self.lock.acquire(wait=self.config.lock_wait, on_wait=self.on_wait, purpose=purpose)
-        return self.lock
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def _load(self) -> TreeLoader:
         return self.state.tree

@@ -302,3 +302,16 @@ def test_threads_in_one_process_snapshot_projects_sharing_a_store(tmp_path: Path
         for p in projects:
             p.close()
     assert os.listdir(store / "tmp") == []
+
+
+def test_a_long_lived_project_releases_the_lock_between_writes(tmp_path: Path) -> None:
+    """A host app keeps its Project open; other writers must not wait for it to close."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "f").write_text("1")
+    with snapfs.init(root) as app:
+        app.snapshot()
+        app.restore(1)
+        app.gc()
+        r = run_cli("--no-wait", "-C", str(root), "snapshot")
+        assert r.returncode == 0, r.stderr
