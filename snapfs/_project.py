@@ -293,6 +293,7 @@ class Project:
         return self.state.head
 
     def _scan_readonly(self, progress: ProgressFn, hint: Hint | None = None) -> ScanResult:
+        # Nothing read-only scans build is stored, so files in new directories need not be read.
         return scan(
             self.root,
             ignore=Ignore.load(self.root),
@@ -497,21 +498,25 @@ class Project:
         preserve: Sequence[str] = (),
         progress: ProgressFn = no_progress,
         hint: Hint | None = None,
-    ) -> list[Op]:
+    ) -> ChangeSet:
         """Put the tree back to a checkpoint without saving the state being left.
 
         This is a transaction's rollback: the failed state is discarded (paths matching
         ``preserve`` and ignored paths are kept as they are). A journal ``hint`` based on the
-        checkpoint limits the work to the directories the operation touched.
+        checkpoint limits the work to the directories the operation touched. Returns what was
+        undone.
         """
         with self._write_lock(f"rollback to {ref}"):
             self._recover_locked()
             target = self.resolve(ref)
             cur = self._scan_readonly(progress, hint if hint and hint.base == target.root else None)
+            load = self._overlay(cur.trees)
+            undone = change_set(load, target.root, cur.root)
             if cur.root == target.root:
                 self.state.set_meta("head", str(target.id))
-                return []
-            return self._land(target, cur.root, self._overlay(cur.trees), None, preserve, progress)
+            else:
+                self._land(target, cur.root, load, None, preserve, progress)
+            return undone
 
     def prune_automatic(self, keep: int) -> list[int]:
         """Delete automatic checkpoints beyond the newest ``keep`` (their data goes at gc)."""

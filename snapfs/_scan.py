@@ -149,6 +149,11 @@ def _join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
 
 
+def unread_oid(relpath: bytes) -> Oid:
+    """A placeholder for content that was not read; never the digest of real content."""
+    return hash_bytes(b"\0snapfs:unread\0" + relpath)
+
+
 def _cache_entry(st: os.stat_result, mode: int, oid: Oid, racy: bool) -> CacheEntry:
     return CacheEntry(
         st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode, oid, racy
@@ -171,12 +176,15 @@ def scan(
     inline_max: int = 1 << 20,
     progress: ProgressFn = no_progress,
     hint: Hint | None = None,
+    lazy_new: bool = False,
 ) -> ScanResult:
     """Build the tree objects for ``root``. With ``batch`` new content is stored, else only hashed.
 
     Files smaller than ``inline_max`` are read and hashed by the walker itself; larger ones go
     to a pool of ``workers`` threads. With a ``hint`` from a change journal, only the directories
-    it names are read; the rest of the tree is taken from the hint's base tree.
+    it names are read; the rest of the tree is taken from the hint's base tree. With
+    ``lazy_new`` (never when storing), files inside the hint's new directories are not read at
+    all: they get a placeholder oid. Comparing with the base only needs their names there.
     """
     descend = hint.descend_set() if hint is not None else set()
     if hint is not None and b"" not in descend:
@@ -234,6 +242,7 @@ def scan(
         get_cached = cache.get
         listed.add(rel)
         base = base_entries(rel) if hint is not None else {}
+        unread = lazy_new and hint is not None and hint.is_new(rel)
         with it:
             for de in it:
                 name = fsencode(de.name)
@@ -277,6 +286,11 @@ def scan(
                 seen_add(relpath)
                 result.files += 1
                 result.nbytes += st.st_size
+                if unread:  # placeholder content: this whole directory is new since the base
+                    items.append(
+                        Entry(name, FILE, stat.S_IMODE(m), st.st_size, unread_oid(relpath))
+                    )
+                    continue
                 c = get_cached(relpath)
                 if (
                     c is not None

@@ -241,13 +241,12 @@ class Transaction:
         if self.status != "open":
             raise UsageError(f"This transaction is already {self.status}.")
         assert self.checkpoint is not None and self.id is not None
-        hint = self._hint()
         try:
-            undone = self.project.change_set_since(
-                self.checkpoint.id, progress=self.progress, hint=hint
-            )
-            self.project.rollback_to_checkpoint(
-                self.checkpoint.id, preserve=self.preserve, progress=self.progress, hint=hint
+            undone = self.project.rollback_to_checkpoint(
+                self.checkpoint.id,
+                preserve=self.preserve,
+                progress=self.progress,
+                hint=self._hint(),
             )
         finally:
             self._pop()
