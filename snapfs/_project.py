@@ -827,6 +827,10 @@ class Project:
         swept = self.store.sweep(live_objects, dry_run=dry_run)
         if not dry_run:
             self.state.delete_trees(dead_trees)
+            # Journal rows of finished runs; an hour's grace for runs still in use elsewhere.
+            watcher = self.state.get_meta("watch")
+            live = [json.loads(watcher)["run"]] if watcher else []
+            self.state.prune_journal(keep_runs=live, older_than=3600)
         return GcReport(doomed, swept.objects, len(dead_trees), swept.freed, dry_run)
 
 

@@ -278,6 +278,28 @@ class ProjectState:
         row = self.db.execute("SELECT 1 FROM transactions WHERE status = 'open' LIMIT 1")
         return row.fetchone() is not None
 
+    # ---- journal ------------------------------------------------------------------------
+    def prune_journal(
+        self, *, keep_runs: Iterable[str], only_run: str | None = None, older_than: float = 0
+    ) -> None:
+        """Drop change-journal rows nobody can use any more. Losing rows is always safe: an
+        interval whose rows are gone is simply not continuous, and snapfs walks everything."""
+        if (
+            self.db.execute("SELECT name FROM sqlite_master WHERE name = 'journal'").fetchone()
+            is None
+        ):
+            return
+        with self.db:
+            if only_run is not None:
+                self.db.execute("DELETE FROM journal WHERE run = ?", (only_run,))
+                return
+            keep = list(keep_runs)
+            marks = ",".join("?" * len(keep)) or "''"
+            self.db.execute(
+                f"DELETE FROM journal WHERE run NOT IN ({marks}) AND time < ?",
+                (*keep, time.time() - older_than),
+            )
+
     # ---- trees --------------------------------------------------------------------------
     def tree(self, oid: Oid) -> bytes | None:
         row = self.db.execute("SELECT data FROM trees WHERE oid = ?", (oid,)).fetchone()

@@ -190,7 +190,10 @@ class Transaction:
     def _stop_journal(self) -> None:
         if self._journal is not None:
             self._journal.stop()
+            run = getattr(self._journal, "run", None)
             self._journal = None
+            if run is not None:  # our own journal's events served their purpose
+                self.project.state.prune_journal(keep_runs=(), only_run=run)
 
     def _hint(self) -> Hint | None:
         """The journal's account since the checkpoint, if its continuity is proven."""

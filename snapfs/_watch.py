@@ -140,6 +140,17 @@ class WatchView:
         pass
 
 
+def _prune(project: Project, run: str) -> None:
+    last = last_mark(project)
+    with project.state.db:
+        if last is not None and last[0].run == run:
+            project.state.db.execute(
+                "DELETE FROM journal WHERE run = ? AND seq < ? AND time < ?",
+                (run, last[0].seq, time.time() - 3600),
+            )
+    project.state.prune_journal(keep_runs=(run,), older_than=3600)
+
+
 def serve(
     project: Project,
     *,
@@ -161,8 +172,12 @@ def serve(
         if on_ready is not None:
             on_ready(journal.run)
         stop = stop or threading.Event()
+        ticks = 0
         while not stop.wait(1.0):
             journal.mark()  # a liveness check: raises if the observer died
+            ticks += 1
+            if ticks % 600 == 0:  # every ten minutes: rows before the last mark are history
+                _prune(project, journal.run)
     finally:
         raw = project.state.get_meta(WATCH_KEY)
         if raw and json.loads(raw).get("run") == journal.run:
