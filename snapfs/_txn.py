@@ -50,13 +50,18 @@ def _boot_id() -> str:
 
 
 def _proc_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot: tells a reused pid apart."""
+    """The process's start time in clock ticks since boot: tells a reused pid apart.
+
+    "" if there is no such process, or it has exited and only awaits reaping (a zombie can never
+    finish its transaction).
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return ""
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    return "" if fields[0] in ("Z", "X") else fields[19]
 
 
 @dataclass(frozen=True)
