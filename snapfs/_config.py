@@ -53,6 +53,7 @@ class Config:
     link_mode: LinkMode = LinkMode.AUTO
     hardlink_threshold: int = 64 << 20
     pack_threshold: int = 1 << 20  # smaller files go into pack files
+    seal_readonly: bool = True  # hardlinked objects lose their write bits (exact modes: false)
     compress: bool = True
     compress_level: int = 3
     workers: int = 4
@@ -69,6 +70,7 @@ _ENV = {
     "SNAPFS_LINK_MODE": "link_mode",
     "SNAPFS_HARDLINK_THRESHOLD": "hardlink_threshold",
     "SNAPFS_PACK_THRESHOLD": "pack_threshold",
+    "SNAPFS_SEAL_READONLY": "seal_readonly",
     "SNAPFS_COMPRESS": "compress",
     "SNAPFS_COMPRESS_LEVEL": "compress_level",
     "SNAPFS_WORKERS": "workers",
@@ -89,7 +91,7 @@ def _coerce(name: str, value: Any, base: Path | None) -> Any:
             return LinkMode(str(value).lower())
         if name in ("hardlink_threshold", "pack_threshold"):
             return parse_size(value)
-        if name in ("compress", "verify_restore", "lock_wait", "journal"):
+        if name in ("compress", "verify_restore", "lock_wait", "journal", "seal_readonly"):
             return _parse_bool(value)
         if name == "preserve":
             items = value.split(os.pathsep) if isinstance(value, str) else value

@@ -368,7 +368,8 @@ class ObjectStore:
             self.check_seal(oid, w.path)
             if verify and self._hash_loose(w.path) != oid:
                 raise _corrupt(oid)
-            if stat.S_IMODE(os.lstat(w.path).st_mode) == mode & ~0o222:
+            on_disk = mode & ~0o222 if self.config.seal_readonly else mode
+            if stat.S_IMODE(os.lstat(w.path).st_mode) == on_disk:
                 try:
                     os.link(w.path, name, dst_dir_fd=dir_fd)
                     # Adding a link moves ctime; that is us, not a write.
@@ -683,7 +684,8 @@ class IngestBatch:
                 continue
             # Seal: no write bits, so an accidental in-place write fails (for non-root users), and
             # the recorded size/mtime/ctime catch any write that still gets through.
-            os.fchmod(fd, stat.S_IMODE(before.st_mode) & ~0o222)
+            if self.config.seal_readonly:
+                os.fchmod(fd, stat.S_IMODE(before.st_mode) & ~0o222)
             after = os.fstat(fd)
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                 os.unlink(tmp)

@@ -285,3 +285,18 @@ def test_shared_store_dedups_across_projects(tmp_path: Path) -> None:
     assert (tmp_path / "p2/model.bin").read_bytes() == data
     for p in projects:
         p.close()
+
+
+def test_hardlinks_without_the_readonly_seal_keep_modes_exact(project_dir: Path) -> None:
+    root = project_dir
+    m = write(root, "models/m.bin", os.urandom(1 << 20), mode=0o640)
+    before = tree_state(root)
+    with snapfs.init(root, hardlink_threshold="512KiB", seal_readonly=False) as p:
+        snap = p.snapshot()
+        assert m.stat().st_nlink == 2 and tree_state(root) == before  # linked, mode untouched
+        os.unlink(m)
+        p.restore(snap.id)
+        assert tree_state(root) == before
+        with open(m, "r+b") as f:  # detection still works without the write bits gone
+            f.write(b"in place")
+        assert [pr.kind for pr in p.verify().problems] == ["tampered"]
