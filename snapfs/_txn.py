@@ -168,11 +168,25 @@ class Transaction:
         self.status = "open"
         stack.append(self)
 
-    def _pop(self) -> None:
+    def _pop(self, outcome: str) -> None:
         stack = self.project._transactions
         if self in stack:
-            del stack[stack.index(self) :]  # an inner one left open goes with its parent
+            at = stack.index(self)
+            orphans = stack[at + 1 :]
+            del stack[at:]
+            for inner in reversed(orphans):  # an inner one left open ends with its parent
+                inner._end_with_parent(self, outcome)
         self._stop_journal()
+
+    def _end_with_parent(self, parent: Transaction, outcome: str) -> None:
+        self._stop_journal()
+        if self.status != "open" or self.id is None:
+            return
+        # The parent's commit keeps the inner's work; its rollback undid it.
+        self.status = outcome
+        self.project.state.end_txn(
+            self.id, self.status, error=f"left open; ended with transaction {parent.id}"
+        )
 
     # ---- the journal: limits the work of changes/rollback to what was touched ------------
     def _start_journal(self) -> None:
@@ -257,7 +271,7 @@ class Transaction:
                 hint=self._hint(),
             )
         finally:
-            self._pop()
+            self._pop("rolled-back")
         self._final = undone
         self.status = "rolled-back"
         self.project.state.end_txn(
@@ -276,7 +290,7 @@ class Transaction:
                 what = self.label or "an operation"
                 self.post = self.project.snapshot(f"after {what}", kind="post")
         finally:
-            self._pop()
+            self._pop("committed")
         self._final = done
         self.status = "committed"
         self.project.state.end_txn(
@@ -415,6 +429,7 @@ def run_command(
     post_snapshot: bool = False,
     preserve: Sequence[str] = (),
     progress: ProgressFn = no_progress,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> RunResult:
     """Run ``argv`` inside a transaction: a non-zero exit or a signal rolls the project back.
 
@@ -436,7 +451,7 @@ def run_command(
     tx.begin()
     assert tx.id is not None
     try:
-        child = subprocess.Popen(list(argv))
+        child = subprocess.Popen(list(argv), cwd=cwd)
     except OSError as exc:
         undone = tx.rollback(error=f"could not start {argv[0]}: {exc.strerror}")
         code = 127 if isinstance(exc, FileNotFoundError) else 126

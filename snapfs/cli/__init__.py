@@ -289,6 +289,7 @@ def run(
         res = run_command(
             p,
             command,
+            cwd=c.path,  # -C PATH: the command runs as if started in PATH
             label=label,
             post_snapshot=post,
             preserve=preserve,

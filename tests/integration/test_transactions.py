@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,8 +46,9 @@ def txn_rows(root: Path) -> list[dict[str, object]]:
 
 def preserved_merge(before: TreeState, after: TreeState, prefix: bytes) -> TreeState:
     """What a rollback with everything under ``prefix`` preserved must leave: ``before`` outside
-    it, ``after`` inside it."""
-    inside = lambda p: p.startswith(prefix)  # noqa: E731
+    it, ``after`` inside it (and the directory itself, which holds the kept paths)."""
+    top = prefix.rstrip(b"/")  # the directory holding preserved paths stays too
+    inside = lambda p: p.startswith(prefix) or p == top  # noqa: E731
     out = {p: v for p, v in before.items() if not inside(p)}
     out.update({p: v for p, v in after.items() if inside(p)})
     return out
@@ -244,6 +247,29 @@ def test_outer_rollback_undoes_a_committed_inner(project: snapfs.Project) -> Non
     assert rows == {"outer": "rolled-back", "inner": "committed"}
 
 
+def test_an_inner_left_open_ends_with_its_outer(project: snapfs.Project) -> None:
+    """A savepoint still open when its outer transaction commits is released with it: no
+    record may stay "open", or the next process would "recover" it once this one exits and
+    roll committed work back to the inner checkpoint."""
+    root = project.root
+    write(root, "a.txt", "a")
+    with snapfs.transaction(project, label="outer") as outer:
+        inner = snapfs.transaction(project, label="inner")
+        inner.begin()  # never ended by the caller
+        write(root, "b.txt", "b")
+    try:
+        assert outer.status == "committed"
+        assert (root / "b.txt").read_text() == "b"
+        assert [(r.label, r.status) for r in project.state.txns(status="open")] == []
+        journal = [t.name for t in threading.enumerate() if t.name.startswith("snapfs-journal")]
+        assert journal == [], "the inner transaction's journal outlived its outer"
+    finally:
+        # Clean-up only, so that a failure above doesn't also stall the thread-leak check.
+        stop = getattr(inner, "_stop_journal", None)
+        if stop is not None:
+            stop()
+
+
 # ---- preserved paths -------------------------------------------------------------------------
 
 
@@ -335,6 +361,22 @@ def test_config_and_argument_preserve_combine(project_dir: Path) -> None:
     assert (root / "cache/c.txt").read_text() == "c"
     assert (root / "src/a.txt").read_text() == "a"
     assert {p: v for p, v in tree_state(root).items() if p in before} == before
+
+
+def test_ignored_paths_are_left_alone_by_a_rollback(project: snapfs.Project) -> None:
+    root = project.root
+    write(root, ".snapfsignore", "*.tmp\n")
+    write(root, "keep.tmp", "before")
+    write(root, "a.txt", "a")
+    with pytest.raises(ImportFailed):
+        with snapfs.transaction(project):
+            write(root, "keep.tmp", "during")
+            write(root, "new.tmp", "new")
+            write(root, "a.txt", "changed")
+            raise ImportFailed
+    assert (root / "keep.tmp").read_text() == "during"
+    assert (root / "new.tmp").read_text() == "new"
+    assert (root / "a.txt").read_text() == "a"
 
 
 # ---- a crash inside a transaction -------------------------------------------------------------
@@ -532,6 +574,28 @@ def _proc_state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return ""
+
+
+@pytest.mark.crash
+def test_a_reused_pid_is_not_the_owner(
+    project_dir: Path, children: list[subprocess.Popen[str]]
+) -> None:
+    """The owner died and its pid now belongs to another live process (here: this one). The
+    process start time tells them apart, so the transaction is rolled back."""
+    root, before = crashed_project(project_dir)
+    proc, _ = start_child(children, root, "self-kill")
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    db = sqlite3.connect(root / ".snapfs/project.db")
+    try:
+        with db:
+            (owner,) = db.execute("SELECT owner FROM transactions").fetchone()
+            reused = {**json.loads(owner), "pid": os.getpid()}
+            db.execute("UPDATE transactions SET owner = ?", (json.dumps(reused),))
+    finally:
+        db.close()
+    snapfs.open(root).close()
+    assert tree_state(root) == before
+    assert [r["status"] for r in txn_rows(root)] == ["recovered"]
 
 
 # ---- a live owner is left alone ----------------------------------------------------------------
