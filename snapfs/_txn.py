@@ -450,24 +450,32 @@ def run_command(
     )
     tx.begin()
     assert tx.id is not None
-    try:
-        child = subprocess.Popen(list(argv), cwd=cwd)
-    except OSError as exc:
-        undone = tx.rollback(error=f"could not start {argv[0]}: {exc.strerror}")
-        code = 127 if isinstance(exc, FileNotFoundError) else 126
-        return RunResult(code, True, undone, tx.id, f"Could not run {argv[0]}: {exc.strerror}.")
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     previous = {s: signal.getsignal(s) for s in forwarded}
+    child: subprocess.Popen[bytes] | None = None
+    early: list[int] = []  # signals that arrived before the command existed
 
     def forward(signum: int, _frame: object) -> None:
+        if child is None:
+            early.append(signum)
+            return
         try:
             child.send_signal(signum)
         except ProcessLookupError:
             pass
 
+    # Handlers first: a signal between starting the command and handling it must not orphan it.
     for s in forwarded:
         signal.signal(s, forward)
     try:
+        try:
+            child = subprocess.Popen(list(argv), cwd=cwd)
+        except OSError as exc:
+            undone = tx.rollback(error=f"could not start {argv[0]}: {exc.strerror}")
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            return RunResult(code, True, undone, tx.id, f"Could not run {argv[0]}: {exc.strerror}.")
+        for signum in early:
+            child.send_signal(signum)
         rc = child.wait()
     finally:
         for s, handler in previous.items():
