@@ -260,6 +260,10 @@ class ProjectState:
                 (status, time.time(), changes, post, error, txn),
             )
 
+    def set_txn_owner(self, txn: int, owner: str) -> None:
+        with self.db:
+            self.db.execute("UPDATE transactions SET owner = ? WHERE id = ?", (owner, txn))
+
     def txns(self, *, status: str | None = None, limit: int | None = None) -> list[TxnRow]:
         q = (
             "SELECT id, label, parent, checkpoint, post, status, owner, preserve, started,"

@@ -64,6 +64,11 @@ def _proc_start(pid: int) -> str:
     return "" if fields[0] in ("Z", "X") else fields[19]
 
 
+def _running(pid: int, start: str) -> bool:
+    now = _proc_start(pid)
+    return bool(now) and (not start or now == start)
+
+
 @dataclass(frozen=True)
 class Owner:
     """The process that owns an open transaction."""
@@ -72,17 +77,31 @@ class Owner:
     host: str
     boot_id: str
     start: str
+    # A command run inside the transaction (snapfs run): while it lives, the operation is not
+    # over, even if the snapfs process that started it was killed.
+    child: int = 0
+    child_start: str = ""
 
     @classmethod
     def current(cls) -> Owner:
         pid = os.getpid()
         return cls(pid, socket.gethostname(), _boot_id(), _proc_start(pid))
 
+    def with_child(self, pid: int) -> Owner:
+        return Owner(self.pid, self.host, self.boot_id, self.start, pid, _proc_start(pid))
+
     @classmethod
     def parse(cls, text: str) -> Owner:
         try:
             d = json.loads(text)
-            return cls(int(d["pid"]), str(d["host"]), str(d["boot_id"]), str(d["start"]))
+            return cls(
+                int(d["pid"]),
+                str(d["host"]),
+                str(d["boot_id"]),
+                str(d["start"]),
+                int(d.get("child", 0)),
+                str(d.get("child_start", "")),
+            )
         except (ValueError, KeyError, TypeError):
             return cls(0, "", "", "")  # unreadable owner: treated as dead on this host
 
@@ -95,8 +114,9 @@ class Owner:
             return True
         if not self.pid or (self.boot_id and self.boot_id != _boot_id()):
             return False
-        start = _proc_start(self.pid)
-        return bool(start) and (not self.start or start == self.start)
+        return _running(self.pid, self.start) or (
+            bool(self.child) and _running(self.child, self.child_start)
+        )
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host or 'unknown host'}"
@@ -474,6 +494,9 @@ def run_command(
             undone = tx.rollback(error=f"could not start {argv[0]}: {exc.strerror}")
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             return RunResult(code, True, undone, tx.id, f"Could not run {argv[0]}: {exc.strerror}.")
+        # Record the command as part of the owner: if only snapfs is killed, recovery must not
+        # roll the tree back under a command that is still running.
+        project.state.set_txn_owner(tx.id, Owner.current().with_child(child.pid).dumps())
         for signum in early:
             child.send_signal(signum)
         rc = child.wait()

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import snapfs
-from tests.helpers import TreeState, populate_tree, tree_state, wait_for, write
+from tests.helpers import TreeState, populate_tree, run_cli, tree_state, wait_for, write
 
 # What the failing commands below do to a tree made by populate_tree: every kind of change.
 BREAK = (
@@ -76,8 +76,15 @@ def test_failed_command_rolls_back_and_passes_its_exit_code_and_stdout(
     err = r.stderr.decode()
     assert err.startswith("own stderr\n")  # the command's own stderr comes first, untouched
     assert "exit status 3" in err and "Rolled back" in err
-    for line in ("M src/app.py", "M run.sh", "D secret.key", "D gone/", "A added/",
-                 "R docs/old-name.txt -> docs/new-name.txt", "M file-becomes-dir"):
+    for line in (
+        "M src/app.py",
+        "M run.sh",
+        "D secret.key",
+        "D gone/",
+        "A added/",
+        "R docs/old-name.txt -> docs/new-name.txt",
+        "M file-becomes-dir",
+    ):
         assert f"  {line}\n" in err, f"{line!r} not named in:\n{err}"
     (row,) = log_json(root)
     assert row["status"] == "rolled-back"
@@ -166,7 +173,18 @@ def test_sigkill_of_run_and_its_command_is_recovered_by_the_next_command(
     script = BREAK + " echo r > ready.txt; while :; do sleep 0.05; done"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFS_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "snapfs", "run", "--preserve", "ready.txt", "--", "sh", "-c", script],
+        [
+            sys.executable,
+            "-m",
+            "snapfs",
+            "run",
+            "--preserve",
+            "ready.txt",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,
@@ -237,7 +255,10 @@ def test_success_keeps_changes_and_logs_them(proj: tuple[Path, TreeState]) -> No
     assert (root / "src/app.py").read_text() == "v2\n"
     assert not (root / "secret.key").exists()
     assert {p for p in after if p not in before} == {
-        b"new", b"new/dir", b"new/dir/f.txt", b"docs/new-name.txt"
+        b"new",
+        b"new/dir",
+        b"new/dir/f.txt",
+        b"docs/new-name.txt",
     }
     assert {p for p in before if p not in after} == {b"secret.key", b"docs/old-name.txt"}
     (row,) = log_json(root)
@@ -254,8 +275,9 @@ def test_success_keeps_changes_and_logs_them(proj: tuple[Path, TreeState]) -> No
 
 def test_label_and_post_snapshot(proj: tuple[Path, TreeState]) -> None:
     root, _ = proj
-    r = snapfs_cmd("run", "-m", "install deps", "--post", "--", "sh", "-c", "echo 1 > dep.txt",
-                   cwd=root)
+    r = snapfs_cmd(
+        "run", "-m", "install deps", "--post", "--", "sh", "-c", "echo 1 > dep.txt", cwd=root
+    )
     assert r.returncode == 0, r.stderr
     (row,) = log_json(root)
     assert row["label"] == "install deps" and row["status"] == "committed"
@@ -308,7 +330,9 @@ def test_a_command_that_runs_snapfs_itself(proj: tuple[Path, TreeState]) -> None
 
 def test_preserve_keeps_outputs_after_a_failed_run(proj: tuple[Path, TreeState]) -> None:
     root, before = proj
-    script = BREAK + " mkdir -p out/logs; echo result > out/r.txt; echo l > out/logs/run.log; exit 1"
+    script = (
+        BREAK + " mkdir -p out/logs; echo result > out/r.txt; echo l > out/logs/run.log; exit 1"
+    )
     r = snapfs_cmd("run", "--preserve", "out/**", "--", "sh", "-c", script, cwd=root)
     assert r.returncode == 1, r.stderr
     after = tree_state(root)
@@ -321,8 +345,16 @@ def test_preserve_keeps_outputs_after_a_failed_run(proj: tuple[Path, TreeState])
 def test_dash_C_rolls_back_that_project(proj: tuple[Path, TreeState]) -> None:
     root, before = proj
     elsewhere = root.parent
-    r = snapfs_cmd("-C", str(root), "run", "--", "sh", "-c",
-                   f"echo broken > '{root}/src/app.py'; exit 4", cwd=elsewhere)
+    r = snapfs_cmd(
+        "-C",
+        str(root),
+        "run",
+        "--",
+        "sh",
+        "-c",
+        f"echo broken > '{root}/src/app.py'; exit 4",
+        cwd=elsewhere,
+    )
     assert r.returncode == 4, r.stderr
     assert tree_state(root) == before
     assert log_json(root)[0]["status"] == "rolled-back"
@@ -334,8 +366,9 @@ def test_dash_C_runs_the_command_in_the_project(proj: tuple[Path, TreeState]) ->
     root, before = proj
     elsewhere = root.parent / "elsewhere"
     elsewhere.mkdir()
-    r = snapfs_cmd("-C", str(root), "run", "--", "sh", "-c", "pwd; echo made > made.txt",
-                   cwd=elsewhere)
+    r = snapfs_cmd(
+        "-C", str(root), "run", "--", "sh", "-c", "pwd; echo made > made.txt", cwd=elsewhere
+    )
     assert r.returncode == 0, r.stderr
     assert not (elsewhere / "made.txt").exists()
     assert (root / "made.txt").read_text() == "made\n"
@@ -353,3 +386,39 @@ def test_run_without_a_command_is_a_usage_error(
     assert b"Traceback" not in r.stderr
     assert tree_state(root) == before
     assert log_json(root) == []
+
+
+@pytest.mark.crash
+def test_a_command_outliving_a_killed_snapfs_run_is_not_rolled_back_under(tmp_path: Path) -> None:
+    """Only snapfs run is SIGKILLed: its command still runs, so the transaction is still live.
+    Once the command ends too, the next command rolls back."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    write(root, "base.txt", "base")
+    assert run_cli("-C", str(root), "init").returncode == 0
+    before = tree_state(root)
+    go = tmp_path / "go"
+    script = f"echo partial > {root}/partial.txt; while [ ! -e {go} ]; do sleep 0.05; done"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snapfs", "-C", str(root), "run", "--", "sh", "-c", script],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: (root / "partial.txt").exists(), "the command to start")
+        proc.kill()
+        proc.wait(10)
+        r = run_cli("-C", str(root), "status")
+        assert r.returncode == 0, r.stderr
+        assert (root / "partial.txt").exists()  # the command is alive: nothing rolled back
+        go.touch()  # let the orphaned command finish
+
+        def rolled_back() -> bool:
+            run_cli("-C", str(root), "status")
+            return tree_state(root) == before
+
+        wait_for(rolled_back, "recovery after the command ended")
+    finally:
+        go.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
