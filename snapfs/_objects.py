@@ -154,9 +154,8 @@ class ObjectStore:
         self.lock = Lock(root / "store.lock", "object store")
         self._reflink_ok: bool | None = None
         self._hardlink_ok: bool | None = None
-        self._objects_str = str(self.objects)
-        # Packed oids known to be stored, loaded once a batch starts asking many times. Other
-        # processes may add objects meanwhile; missing those only costs a duplicate payload.
+        # Oids known to be stored (packed and loose), loaded once a batch starts asking many
+        # times. Other processes may add objects meanwhile; missing those costs a duplicate.
         self._packed_oids: set[Oid] | None = None
         self._lookups = 0
 
@@ -193,15 +192,16 @@ class ObjectStore:
             if self._lookups > 256:  # many lookups coming: one query beats thousands
                 with self.db_mutex:
                     rows = self.db.execute("SELECT oid FROM packed").fetchall()
-                known = self._packed_oids = {bytes(r[0]) for r in rows}
+                known = {bytes(r[0]) for r in rows}
+                known.update(oid for oid, _path in self.iter_loose())
+                self._packed_oids = known
             elif self.locate(oid) is not None:
                 return True
             else:
                 return False
-        if oid in known:
-            return True
-        h = oid.hex()
-        return os.path.lexists(f"{self._objects_str}/{h[:2]}/{h[2:]}")
+        # Loose objects another process stored since the set was loaded are missed: that only
+        # costs storing a duplicate, never a missing object.
+        return oid in known
 
     def iter_loose(self) -> Iterator[tuple[Oid, Path]]:
         if not self.objects.is_dir():
@@ -845,8 +845,9 @@ class IngestBatch:
                     ),
                 )
             crash_point("snapshot.index_committed")
-            if store._packed_oids is not None:
-                store._packed_oids.update(self._packed)
+        if store._packed_oids is not None:
+            store._packed_oids.update(self._packed)
+            store._packed_oids.update(self._loose)
         self.new_objects_committed = self.new_objects
         self._pack = None
         self._loose.clear()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import snapfs
+from snapfs._journal import Journal
 from tests.helpers import tree_state, write
 
 QUEUE = Path("/proc/sys/fs/inotify/max_queued_events")
@@ -59,10 +60,11 @@ def test_rollback_is_exact_after_an_inotify_overflow(
     before = tree_state(project.root)
     with pytest.raises(RuntimeError):
         with snapfs.transaction(project, "flood") as tx:
-            assert tx._journal is not None, tx.journal_note
-            for i in range(3000):  # far past a 16-event queue
-                write(project.root, f"plugins/b/flood{i % 40}.py", f"{i}")
-            write(project.root, "plugins/a/m1.py", "edited during the flood")
+            assert isinstance(tx._journal, Journal), tx.journal_note
+            with tx._journal._reader_gate:  # hold the reader: the kernel queue must overflow
+                for i in range(3000):  # far past a 16-event queue
+                    write(project.root, f"plugins/b/flood{i % 40}.py", f"{i}")
+                write(project.root, "plugins/a/m1.py", "edited during the flood")
             raise RuntimeError("failed")
     assert "lost events" in tx.journal_note  # it noticed, and compared everything instead
     assert tree_state(project.root) == before
