@@ -35,14 +35,3 @@ def read_all(fd: int) -> bytes:
         if not block:
             return b"".join(chunks)
         chunks.append(block)
-
-
-def oid_hex(oid: Oid) -> str:
-    return oid.hex()
-
-
-def parse_oid(text: str) -> Oid:
-    raw = bytes.fromhex(text)
-    if len(raw) != OID_LEN:
-        raise ValueError(f"not an object id: {text!r}")
-    return raw

@@ -592,9 +592,6 @@ class Project:
         finish(self.state_dir, intent)
 
     # ---- recovery -----------------------------------------------------------------------
-    def pending_recovery(self) -> Intent | None:
-        return read_intent(self.state_dir / "intent.json")
-
     def _auto_recover(self) -> None:
         """Finish interrupted work and sweep what crashed processes left, if no writer is busy."""
         if not (self._has_leftovers() or self.store.has_leftovers()):
