@@ -114,7 +114,11 @@ class Snapfs(Tool):
     inner_store = ".snapfs"
     # The working tree importable as `snapfs` even if not pip-installed.
     ENV: ClassVar[dict[str, str]] = {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        # An installed package ships compiled bytecode (pip compiles it at install time). With
+        # PYTHONDONTWRITEBYTECODE set (as some shells here do), every command would recompile
+        # snapfs from source (~50 ms) and the benchmark would measure that instead.
+        "PYTHONDONTWRITEBYTECODE": "",
     }
 
     def __init__(self, area: Path) -> None:
