@@ -292,7 +292,9 @@ class Project:
         """The snapshot most recently taken or restored (like git's HEAD)."""
         return self.state.head
 
-    def _scan_readonly(self, progress: ProgressFn, hint: Hint | None = None) -> ScanResult:
+    def _scan_readonly(
+        self, progress: ProgressFn, hint: Hint | None = None, *, lazy_added: bool = False
+    ) -> ScanResult:
         # Nothing read-only scans build is stored, so files in new directories need not be read.
         return scan(
             self.root,
@@ -509,7 +511,11 @@ class Project:
         with self._write_lock(f"rollback to {ref}"):
             self._recover_locked()
             target = self.resolve(ref)
-            cur = self._scan_readonly(progress, hint if hint and hint.base == target.root else None)
+            if hint is None or hint.base != target.root:
+                # No journal: walk everything, but still compare with the checkpoint as we go.
+                hint = Hint(target.root, self.state.tree, frozenset(), frozenset(), everything=True)
+            # Whatever the checkpoint lacks is deleted by the rollback: no need to read it.
+            cur = self._scan_readonly(progress, hint, lazy_added=True)
             load = self._overlay(cur.trees)
             undone = change_set(load, target.root, cur.root)
             if cur.root == target.root:

@@ -64,6 +64,7 @@ class Hint:
     load: Callable[[Oid], bytes | None]
     dirty_dirs: frozenset[bytes]
     new_dirs: frozenset[bytes]
+    everything: bool = False  # no journal: read every directory, but compare with the base
 
     def descend_set(self) -> set[bytes]:
         """Every directory that must be listed: the dirty and new ones and their ancestors."""
@@ -177,6 +178,7 @@ def scan(
     progress: ProgressFn = no_progress,
     hint: Hint | None = None,
     lazy_new: bool = False,
+    lazy_added: bool = False,
 ) -> ScanResult:
     """Build the tree objects for ``root``. With ``batch`` new content is stored, else only hashed.
 
@@ -185,9 +187,10 @@ def scan(
     it names are read; the rest of the tree is taken from the hint's base tree. With
     ``lazy_new`` (never when storing), files inside the hint's new directories are not read at
     all: they get a placeholder oid. Comparing with the base only needs their names there.
+    ``lazy_added`` goes further for a rollback to the base: no file absent from the base is read.
     """
     descend = hint.descend_set() if hint is not None else set()
-    if hint is not None and b"" not in descend:
+    if hint is not None and not hint.everything and b"" not in descend:
         return ScanResult(root=hint.base, trees={})  # nothing happened anywhere
     try:
         root_fd = os.open(root, DIR_FLAGS)
@@ -260,7 +263,11 @@ def scan(
                     if hint is not None:
                         old = base.get(name)
                         if old is not None and old.kind == Kind.DIR:
-                            if relpath not in descend and not hint.is_new(relpath):
+                            if (
+                                not hint.everything
+                                and relpath not in descend
+                                and not hint.is_new(relpath)
+                            ):
                                 # Untouched since the base: reuse its subtree unread.
                                 items.append(Entry(name, Kind.DIR, stat.S_IMODE(m), 0, old.oid))
                                 continue
@@ -286,7 +293,9 @@ def scan(
                 seen_add(relpath)
                 result.files += 1
                 result.nbytes += st.st_size
-                if unread:  # placeholder content: this whole directory is new since the base
+                if unread or (lazy_added and hint is not None and name not in base):
+                    # Placeholder content: new since the base (the whole directory, or with
+                    # lazy_added this file), so only its name matters to the caller.
                     items.append(
                         Entry(name, FILE, stat.S_IMODE(m), st.st_size, unread_oid(relpath))
                     )
