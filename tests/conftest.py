@@ -73,7 +73,7 @@ def xfs_mount() -> Iterator[Path]:
         subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(img)], check=True)
         r = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, text=True)
         if r.returncode != 0:
-            pytest.skip(f"cannot loop-mount XFS here: {r.stderr.strip()}")
+            pytest.skip(reason=f"cannot loop-mount XFS here: {r.stderr.strip()}")
         try:
             yield mnt
         finally:
@@ -86,13 +86,13 @@ def xfs_mount() -> Iterator[Path]:
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A tiny real filesystem (tmpfs, 8 MiB) for disk-full tests."""
     if os.geteuid() != 0:
-        pytest.skip("disk-full tests need root to mount a small tmpfs")
+        pytest.skip(reason="disk-full tests need root to mount a small tmpfs")
     mnt = tmp_path / "small"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {r.stderr.strip()}")
+        pytest.skip(reason=f"cannot mount tmpfs here: {r.stderr.strip()}")
     try:
         yield mnt
     finally:

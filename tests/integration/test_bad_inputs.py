@@ -118,7 +118,7 @@ def _find_unprivileged() -> Unprivileged | str:
 def unprivileged() -> Unprivileged:
     found = _find_unprivileged()
     if isinstance(found, str):
-        pytest.skip(found)
+        pytest.skip(reason=found)
     return found
 
 

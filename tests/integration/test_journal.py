@@ -50,12 +50,12 @@ def inotify_limit(name: str, value: int) -> Iterator[int]:
     """Set /proc/sys/fs/inotify/NAME for the duration; skip when it can't be changed."""
     path = Path("/proc/sys/fs/inotify") / name
     if os.geteuid() != 0:
-        pytest.skip(f"changing fs.inotify.{name} needs root")
+        pytest.skip(reason=f"changing fs.inotify.{name} needs root")
     try:
         old = path.read_text().strip()
         path.write_text(str(value))
     except OSError as exc:
-        pytest.skip(f"fs.inotify.{name} is not writable here ({exc})")
+        pytest.skip(reason=f"fs.inotify.{name} is not writable here ({exc})")
     try:
         yield int(old)
     finally:

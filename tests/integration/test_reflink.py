@@ -58,7 +58,7 @@ def xfs_project(xfs_mount: Path) -> Iterator[Path]:
 @pytest.fixture
 def no_reflink_dir(project_dir: Path) -> Path:
     if _reflink_works(project_dir.parent):
-        pytest.skip("the temp filesystem supports reflinks; these tests need one that doesn't")
+        pytest.skip(reason="the temp filesystem supports reflinks; these tests need one that doesn't")
     return project_dir
 
 

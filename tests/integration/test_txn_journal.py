@@ -22,7 +22,7 @@ def tiny_inotify_queue() -> Iterator[None]:
         old = QUEUE.read_text()
         QUEUE.write_text("16\n")
     except OSError as exc:
-        pytest.skip(f"can't shrink the inotify queue here ({exc.strerror}); needs root")
+        pytest.skip(reason=f"can't shrink the inotify queue here ({exc.strerror}); needs root")
     try:
         yield
     finally:
