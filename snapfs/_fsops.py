@@ -49,6 +49,16 @@ class LinkMode(str, enum.Enum):
     COPY = "copy"
 
 
+def stat_changed(a: os.stat_result, b: os.stat_result) -> bool:
+    """Did the file behind two stats of it change in between (content, inode or metadata)?"""
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) != (
+        b.st_size,
+        b.st_mtime_ns,
+        b.st_ctime_ns,
+        b.st_ino,
+    )
+
+
 def reflink_fd(src_fd: int, dst_fd: int) -> None:
     """Share src's extents with dst (copy-on-write). Raises OSError on unsupported filesystems."""
     fcntl.ioctl(dst_fd, FICLONE, src_fd)

@@ -43,7 +43,15 @@ if TYPE_CHECKING:
 from ._config import Config
 from ._crash import crash_point
 from ._errors import ObjectCorrupt, ObjectMissing, SealBroken, UsageError
-from ._fsops import NOT_SUPPORTED, LinkMode, fsync_dir, make_durable, reflink_fd, write_all
+from ._fsops import (
+    NOT_SUPPORTED,
+    LinkMode,
+    fsync_dir,
+    make_durable,
+    reflink_fd,
+    stat_changed,
+    write_all,
+)
 from ._hashing import READ_BLOCK, Oid, hash_bytes, hash_fd, read_all
 from ._lock import Lock
 from ._state import connect
@@ -655,7 +663,7 @@ class IngestBatch:
             os.unlink(tmp)
         else:
             self._claim_loose(oid, tmp, None)
-        return Ingested(oid, size, 0, st, _changed(st, after))
+        return Ingested(oid, size, 0, st, stat_changed(st, after))
 
     def _try_hardlink(
         self, fd: int, st: os.stat_result, link_src: tuple[int, bytes], forced: bool
@@ -664,7 +672,7 @@ class IngestBatch:
             before = os.fstat(fd)
             os.lseek(fd, 0, os.SEEK_SET)
             oid, size = hash_fd(fd)
-            if _changed(before, os.fstat(fd)):
+            if stat_changed(before, os.fstat(fd)):
                 continue  # written while we hashed; a hardlink would capture a moving target
             if self._known(oid):
                 return Ingested(oid, size, 0, os.fstat(fd), False)
@@ -705,7 +713,7 @@ class IngestBatch:
         stored = 0
         if fresh and oid not in self.store:
             stored = self._write_job([(oid, data)])
-        return Ingested(oid, len(data), stored, st, _changed(st, after))
+        return Ingested(oid, len(data), stored, st, stat_changed(st, after))
 
     def add_small(self, oid: Oid, data: bytes) -> None:
         """Queue a small file's content for the pack. Only the walker thread calls this."""
@@ -788,8 +796,8 @@ class IngestBatch:
         oid = h.digest()
         if self._known(oid) or not self._claim_loose(oid, tmp, None):
             _unlink_quiet(tmp)
-            return Ingested(oid, total, 0, st, _changed(st, after))
-        return Ingested(oid, total, _blocks(total) * BLOCK, st, _changed(st, after))
+            return Ingested(oid, total, 0, st, stat_changed(st, after))
+        return Ingested(oid, total, _blocks(total) * BLOCK, st, stat_changed(st, after))
 
     # -- finish
     @property
@@ -864,15 +872,6 @@ class IngestBatch:
             self._pack.discard()
             self._pack = None
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _changed(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) != (
-        b.st_size,
-        b.st_mtime_ns,
-        b.st_ctime_ns,
-        b.st_ino,
-    )
 
 
 def _disk_size(path: Path) -> int:

@@ -41,7 +41,14 @@ from ._scan import Hint, Progress, ProgressFn, ScanResult, no_progress, scan
 from ._state import KINDS, ProjectState, SnapshotRow
 from ._threads import executor
 from ._tree import Entry, Kind, decode, encode, tree_oid
-from ._watch import Mark, external_mark, last_mark, remember_mark, touched_between
+from ._watch import (
+    Mark,
+    external_mark,
+    last_mark,
+    remember_mark,
+    touched_between,
+    watch_run,
+)
 
 STATE_DIR = ".snapfs"
 _LATEST = re.compile(r"^latest(?:~(\d+))?$")
@@ -588,11 +595,16 @@ class Project:
     def _finish_restore(
         self, intent: Intent, puts: list[tuple[bytes, Any]], removed: Iterable[bytes]
     ) -> None:
-        cache = self.state.load_cache()
+        removed = set(removed)
         gone: set[bytes] = set()
-        for r in removed:
-            prefix = r + b"/"
-            gone.update(p for p in cache if p == r or p.startswith(prefix))
+        if removed:  # a cached path is gone if it or any of its parents was removed
+            for p in self.state.load_cache():
+                q = p
+                while q:
+                    if q in removed:
+                        gone.add(p)
+                        break
+                    q = q.rpartition(b"/")[0]
         self.state.update_cache(puts, gone - {p for p, _ in puts})
         self.state.set_meta("head", str(intent.target))
         finish(self.state_dir, intent)
@@ -831,9 +843,8 @@ class Project:
         if not dry_run:
             self.state.delete_trees(dead_trees)
             # Journal rows of finished runs; an hour's grace for runs still in use elsewhere.
-            watcher = self.state.get_meta("watch")
-            live = [json.loads(watcher)["run"]] if watcher else []
-            self.state.prune_journal(keep_runs=live, older_than=3600)
+            run = watch_run(self)
+            self.state.prune_journal(keep_runs=[run] if run else [], older_than=3600)
         return GcReport(doomed, swept.objects, len(dead_trees), swept.freed, dry_run)
 
 

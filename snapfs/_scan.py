@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
 from ._errors import ProjectPathError, SnapfsError, from_oserror
-from ._fsops import DIR_FLAGS, READ_FLAGS
+from ._fsops import DIR_FLAGS, READ_FLAGS, stat_changed
 from ._hashing import Oid, hash_bytes, hash_fd, read_all
 from ._ignore import STATE_DIR
 from ._index import CacheEntry
@@ -226,7 +226,7 @@ def scan(
             if batch is not None:
                 return batch.ingest(fd, st, link_src)
             oid, size = hash_fd(fd)
-            return Ingested(oid, size, 0, st, _moved(st, os.fstat(fd)))
+            return Ingested(oid, size, 0, st, stat_changed(st, os.fstat(fd)))
         finally:
             os.close(fd)
             if link_src is not None:
@@ -337,7 +337,11 @@ def scan(
                     result.nbytes += len(data) - st.st_size  # it may have changed since listed
                     mode = stat.S_IMODE(m)
                     items.append(Entry(name, FILE, mode, len(data), oid))
-                    racy = _moved(st, after) or len(data) != st.st_size or is_racy(after, start_ns)
+                    racy = (
+                        stat_changed(st, after)
+                        or len(data) != st.st_size
+                        or is_racy(after, start_ns)
+                    )
                     result.cache_updates.append((relpath, _cache_entry(after, mode, oid, racy)))
                     continue
                 gate.acquire()
@@ -402,10 +406,6 @@ def scan(
         ]
     progress(Progress("scan", counter, counter))
     return result
-
-
-def _moved(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns) != (b.st_size, b.st_mtime_ns, b.st_ctime_ns)
 
 
 def _build_trees(

@@ -37,19 +37,30 @@ class Mark:
     seq: int
 
 
-def _watcher(project: Project) -> tuple[str, str] | None:
-    """(run, owner JSON) of a live watcher of this project, if there is one."""
-    from ._txn import Owner
-
+def _advertised(project: Project) -> tuple[str, str] | None:
+    """(run, owner JSON) the watcher advertised, alive or not; None if none or unreadable."""
     raw = project.state.get_meta(WATCH_KEY)
     if not raw:
         return None
     try:
         d = json.loads(raw)
-        run, owner = str(d["run"]), str(d["owner"])
+        return str(d["run"]), str(d["owner"])
     except (ValueError, KeyError, TypeError):
         return None
-    return (run, owner) if Owner.parse(owner).alive() else None
+
+
+def watch_run(project: Project) -> str | None:
+    """The journal run of the advertised watcher (its rows must not be pruned)."""
+    w = _advertised(project)
+    return w[0] if w else None
+
+
+def _watcher(project: Project) -> tuple[str, str] | None:
+    """(run, owner JSON) of a live watcher of this project, if there is one."""
+    from ._txn import Owner
+
+    w = _advertised(project)
+    return w if w is not None and Owner.parse(w[1]).alive() else None
 
 
 def external_mark(project: Project, timeout: float = 2.0) -> Mark | None:
@@ -179,7 +190,6 @@ def serve(
             if ticks % 600 == 0:  # every ten minutes: rows before the last mark are history
                 _prune(project, journal.run)
     finally:
-        raw = project.state.get_meta(WATCH_KEY)
-        if raw and json.loads(raw).get("run") == journal.run:
+        if watch_run(project) == journal.run:
             project.state.set_meta(WATCH_KEY, None)
         journal.stop()
