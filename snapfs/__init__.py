@@ -9,11 +9,16 @@
 
 from ._config import Config
 from ._diff import Changes, ChangeSet
+from ._download import DownloadProgress, DownloadResult, download
 from ._errors import (
+    BadContent,
     Category,
     DiskFull,
+    DownloadError,
+    DownloadFailed,
     ExitCode,
     FilesystemError,
+    HashMismatch,
     LockBusy,
     NotAProject,
     ObjectCorrupt,
@@ -22,6 +27,7 @@ from ._errors import (
     SealBroken,
     SnapfsError,
     SnapshotNotFound,
+    SourceUnavailable,
     StateCorrupt,
     UnsafePath,
     UsageError,
@@ -43,14 +49,20 @@ from ._txn import Transaction, checkpoint, checkpointed, transaction
 __version__ = "0.1.0"
 
 __all__ = [
+    "BadContent",
     "Category",
     "ChangeSet",
     "Changes",
     "Config",
     "DiskFull",
+    "DownloadError",
+    "DownloadFailed",
+    "DownloadProgress",
+    "DownloadResult",
     "ExitCode",
     "FilesystemError",
     "GcReport",
+    "HashMismatch",
     "LinkMode",
     "LockBusy",
     "NotAProject",
@@ -65,6 +77,7 @@ __all__ = [
     "SnapfsError",
     "SnapshotInfo",
     "SnapshotNotFound",
+    "SourceUnavailable",
     "Transaction",
     "StateCorrupt",
     "UnsafePath",
@@ -73,6 +86,7 @@ __all__ = [
     "__version__",
     "checkpoint",
     "checkpointed",
+    "download",
     "init",
     "open",
     "transaction",

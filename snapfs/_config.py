@@ -63,6 +63,20 @@ class Config:
     auto_keep: int = 20  # automatic checkpoints kept by the retention policy
     crash_policy: str = "rollback"  # for a transaction whose owner died: rollback or keep
     journal: bool = True  # watch transactions with inotify, so their work is O(changes)
+    # downloads
+    download_chunk: int = 8 << 20  # bytes per ranged request
+    download_connections: int = 4  # requests in flight at once, over all sources
+    retry_attempts: int = 10  # failures in a row without progress before a download gives up
+    retry_base: float = 0.5  # seconds; backoff is uniform in [0, base * 2**n], capped
+    retry_cap: float = 30.0
+    retry_after_max: float = 120.0  # a server's Retry-After is honoured up to this
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0  # no byte for this long: the connection has stalled
+    min_speed: int = 1024  # bytes/s; slower than this for a whole window counts as a stall
+    min_speed_window: float = 30.0
+    breaker_threshold: int = 5  # failures in a row that open a host's circuit breaker
+    breaker_cooldown: float = 60.0  # seconds before an open breaker lets one probe through
+    state_dir: Path | None = None  # per-user state (host health); default ~/.local/state/snapfs
 
 
 _ENV = {
@@ -79,18 +93,60 @@ _ENV = {
     "SNAPFS_AUTO_KEEP": "auto_keep",
     "SNAPFS_CRASH_POLICY": "crash_policy",
     "SNAPFS_JOURNAL": "journal",
+    "SNAPFS_DOWNLOAD_CHUNK": "download_chunk",
+    "SNAPFS_DOWNLOAD_CONNECTIONS": "download_connections",
+    "SNAPFS_RETRY_ATTEMPTS": "retry_attempts",
+    "SNAPFS_RETRY_BASE": "retry_base",
+    "SNAPFS_RETRY_CAP": "retry_cap",
+    "SNAPFS_RETRY_AFTER_MAX": "retry_after_max",
+    "SNAPFS_CONNECT_TIMEOUT": "connect_timeout",
+    "SNAPFS_READ_TIMEOUT": "read_timeout",
+    "SNAPFS_MIN_SPEED": "min_speed",
+    "SNAPFS_MIN_SPEED_WINDOW": "min_speed_window",
+    "SNAPFS_BREAKER_THRESHOLD": "breaker_threshold",
+    "SNAPFS_BREAKER_COOLDOWN": "breaker_cooldown",
+    "SNAPFS_STATE_DIR": "state_dir",
+}
+
+_SECONDS = (
+    "retry_base",
+    "retry_cap",
+    "retry_after_max",
+    "connect_timeout",
+    "read_timeout",
+    "min_speed_window",
+    "breaker_cooldown",
+)
+_COUNTS = {  # name -> (lowest, highest)
+    "compress_level": (1, 22),
+    "workers": (1, 64),
+    "download_connections": (1, 64),
+    "retry_attempts": (1, 1000),
+    "breaker_threshold": (1, 1000),
 }
 
 
 def _coerce(name: str, value: Any, base: Path | None) -> Any:
     try:
-        if name == "store":
+        if name in ("store", "state_dir"):
             p = Path(os.path.expanduser(os.fsdecode(value)))
             return ((base / p) if base is not None and not p.is_absolute() else p).resolve()
         if name == "link_mode":
             return LinkMode(str(value).lower())
-        if name in ("hardlink_threshold", "pack_threshold"):
+        if name in ("hardlink_threshold", "pack_threshold", "min_speed"):
             return parse_size(value)
+        if name == "download_chunk":
+            n = parse_size(value)
+            if not 64 << 10 <= n <= 1 << 30:
+                raise ValueError(n)
+            return n
+        if name in _SECONDS:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            x = float(value)
+            if not 0 <= x <= 86400:
+                raise ValueError(x)
+            return x
         if name in ("compress", "verify_restore", "lock_wait", "journal", "seal_readonly"):
             return _parse_bool(value)
         if name == "preserve":
@@ -107,11 +163,12 @@ def _coerce(name: str, value: Any, base: Path | None) -> Any:
             if isinstance(value, bool) or n < 1:
                 raise ValueError(value)
             return n
-        if name in ("compress_level", "workers"):
+        if name in _COUNTS:
             if isinstance(value, bool):
                 raise ValueError(value)
             n = int(value)
-            if n < 1 or (name == "compress_level" and n > 22) or n > 64:
+            lo, hi = _COUNTS[name]
+            if not lo <= n <= hi:
                 raise ValueError(n)
             return n
     except (ValueError, TypeError) as exc:
@@ -146,6 +203,10 @@ def load_config(
     for var, name in _ENV.items():
         if env and env.get(var):
             values[name] = _coerce(name, env[var], None)
+    if "state_dir" not in values and env and env.get("XDG_STATE_HOME"):
+        values["state_dir"] = _coerce(
+            "state_dir", os.path.join(env["XDG_STATE_HOME"], "snapfs"), None
+        )
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = _coerce(name, value, None)

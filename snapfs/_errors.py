@@ -18,7 +18,12 @@ the CLI exit code. Technical detail lives in attributes and ``__cause__``.
      ├── StateCorrupt                       SQLite state or intent log unreadable
      ├── UnsafePath                         a path would leave the project root
      ├── DiskFull (OSError)                 ENOSPC / EDQUOT
-     └── FilesystemError (OSError)          any other OS error, with operation and path
+     ├── FilesystemError (OSError)          any other OS error, with operation and path
+     └── DownloadError                      a download could not finish
+          ├── SourceUnavailable            404, 401/403 that no refresh cures, every mirror dead
+          ├── DownloadFailed (TimeoutError) transient faults outlasted the retry budget
+          ├── BadContent                   a web page or another file instead of the one asked for
+          └── HashMismatch                 the bytes don't match the expected digest, nowhere to repair from
 """
 
 from __future__ import annotations
@@ -125,6 +130,36 @@ class DiskFull(SnapfsError, OSError):
 
 class FilesystemError(SnapfsError, OSError):
     category = Category.SYSTEM
+
+
+class DownloadError(SnapfsError):
+    category = Category.NETWORK
+
+    def __init__(self, message: str, *, url: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.url = url
+
+
+class SourceUnavailable(DownloadError):
+    """Every source answered in a way retrying won't change (404, 403 after a refresh...)."""
+
+
+class DownloadFailed(DownloadError, TimeoutError):
+    """Transient faults (resets, stalls, 5xx) went on without progress for the whole budget."""
+
+    retryable = True
+
+
+class BadContent(DownloadError):
+    """A source sent something other than the file: a login page, a JSON error, another size."""
+
+    category = Category.VALIDATION
+
+
+class HashMismatch(DownloadError):
+    """The finished file's digest is wrong and no other source could say which bytes are."""
+
+    category = Category.VALIDATION
 
 
 _NO_SPACE = {_errno.ENOSPC, _errno.EDQUOT}

@@ -78,6 +78,9 @@ CREATE TABLE IF NOT EXISTS projects (
     root TEXT PRIMARY KEY, db TEXT NOT NULL, registered REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS digests (
+    algo TEXT NOT NULL, digest TEXT NOT NULL, oid BLOB NOT NULL, PRIMARY KEY (algo, digest)
+);
 """
 
 
@@ -210,6 +213,36 @@ class ObjectStore:
         # Loose objects another process stored since the set was loaded are missed: that only
         # costs storing a duplicate, never a missing object.
         return oid in known
+
+    def find_digest(self, algo: str, digest: str) -> Oid | None:
+        """The stored object whose ``algo`` digest (lowercase hex) is ``digest``, if any."""
+        with self.db_mutex:
+            row = self.db.execute(
+                "SELECT oid FROM digests WHERE algo = ? AND digest = ?", (algo, digest.lower())
+            ).fetchone()
+        if row is None:
+            return None
+        oid = bytes(row[0])
+        return oid if self.locate(oid) is not None else None  # gc may have swept it since
+
+    def digest_of(self, oid: Oid, algo: str) -> str | None:
+        with self.db_mutex:
+            row = self.db.execute(
+                "SELECT digest FROM digests WHERE algo = ? AND oid = ?", (algo, oid)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def object_size(self, oid: Oid) -> int:
+        w = self.locate(oid)
+        if w is None:
+            raise _missing(oid)
+        return w.size if w.packed else os.lstat(w.path).st_size
+
+    def record_digest(self, algo: str, digest: str, oid: Oid) -> None:
+        with self.db_mutex, self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO digests VALUES (?, ?, ?)", (algo, digest.lower(), oid)
+            )
 
     def iter_loose(self) -> Iterator[tuple[Oid, Path]]:
         if not self.objects.is_dir():
@@ -613,27 +646,37 @@ class IngestBatch:
 
     # -- ingest
     def ingest(
-        self, fd: int, st: os.stat_result, link_src: tuple[int, bytes] | None = None
+        self,
+        fd: int,
+        st: os.stat_result,
+        link_src: tuple[int, bytes] | None = None,
+        known: Oid | None = None,
     ) -> Ingested:
         """Add the open regular file ``fd`` (whose lstat was ``st``) to the store.
 
-        ``link_src`` is (directory fd, name) of the file, needed to hardlink it.
+        ``link_src`` is (directory fd, name) of the file, needed to hardlink it. ``known`` is
+        the file's oid when the caller has just verified it (a finished download): a reflink or
+        hardlink then costs no read at all.
         """
         mode = self.config.link_mode
         small = st.st_size < self.config.pack_threshold
         if mode == LinkMode.REFLINK or (
             mode == LinkMode.AUTO and not small and self.store._reflink_ok is not False
         ):
-            got = self._try_reflink(fd, st, forced=mode == LinkMode.REFLINK)
+            got = self._try_reflink(fd, st, forced=mode == LinkMode.REFLINK, known=known)
             if got is not None:
                 return got
         if link_src is not None and self.may_hardlink(st):
-            got = self._try_hardlink(fd, st, link_src, forced=mode == LinkMode.HARDLINK)
+            got = self._try_hardlink(
+                fd, st, link_src, forced=mode == LinkMode.HARDLINK, known=known
+            )
             if got is not None:
                 return got
         return self._pack_small(fd, st) if small else self._copy_loose(fd, st)
 
-    def _try_reflink(self, fd: int, st: os.stat_result, forced: bool) -> Ingested | None:
+    def _try_reflink(
+        self, fd: int, st: os.stat_result, forced: bool, known: Oid | None = None
+    ) -> Ingested | None:
         tmp = self._tmpname()
         dst = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, OBJ_MODE)
         try:
@@ -654,7 +697,10 @@ class IngestBatch:
                 return None
             self.store._reflink_ok = True
             # The clone is a frozen point-in-time copy: hash it, not the live file.
-            oid, size = hash_fd(dst)
+            if known is not None and not stat_changed(st, os.fstat(fd)):
+                oid, size = known, st.st_size
+            else:
+                oid, size = hash_fd(dst)
         finally:
             if dst >= 0:
                 os.close(dst)
@@ -666,12 +712,20 @@ class IngestBatch:
         return Ingested(oid, size, 0, st, stat_changed(st, after))
 
     def _try_hardlink(
-        self, fd: int, st: os.stat_result, link_src: tuple[int, bytes], forced: bool
+        self,
+        fd: int,
+        st: os.stat_result,
+        link_src: tuple[int, bytes],
+        forced: bool,
+        known: Oid | None = None,
     ) -> Ingested | None:
         for _attempt in range(3):
             before = os.fstat(fd)
-            os.lseek(fd, 0, os.SEEK_SET)
-            oid, size = hash_fd(fd)
+            if known is not None and not stat_changed(st, before):
+                oid, size = known, before.st_size
+            else:
+                os.lseek(fd, 0, os.SEEK_SET)
+                oid, size = hash_fd(fd)
             if stat_changed(before, os.fstat(fd)):
                 continue  # written while we hashed; a hardlink would capture a moving target
             if self._known(oid):

@@ -6,8 +6,9 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +29,18 @@ from ._errors import (
     SnapfsError,
     SnapshotNotFound,
     StateCorrupt,
+    UnsafePath,
     UsageError,
     from_oserror,
 )
-from ._fsops import LinkMode
+from ._fsops import DIR_FLAGS, LinkMode, open_parent, split_relpath
 from ._hashing import Oid, hash_bytes
 from ._ignore import Ignore
+from ._index import CacheEntry
 from ._lock import Lock
 from ._objects import ObjectStore
 from ._restore import Intent, Op, apply_restore, finish, plan_restore, read_intent
-from ._scan import Hint, Progress, ProgressFn, ScanResult, no_progress, scan
+from ._scan import RACY_NS, Hint, Progress, ProgressFn, ScanResult, no_progress, scan
 from ._state import KINDS, ProjectState, SnapshotRow
 from ._threads import executor
 from ._tree import Entry, Kind, decode, encode, tree_oid
@@ -788,6 +791,93 @@ class Project:
                 if p is not None:
                     problems.append(p)
         return VerifyReport(len(users), len(seen_trees), problems)
+
+    # ---- placing verified files (downloads) ---------------------------------------------
+    def place(
+        self,
+        relpath: bytes,
+        oid: Oid,
+        *,
+        src: Path | None = None,
+        digests: Mapping[str, str] | None = None,
+    ) -> Path:
+        """Put content ``oid`` at ``relpath`` atomically: ``src`` (a verified file on this
+        filesystem, moved) or, without it, the stored object. The file is then in the store,
+        its other ``digests`` are indexed, and the stat cache knows it, so the next snapshot
+        does not read it again. Refuses any path that leaves the project or enters .snapfs.
+        """
+        parts = split_relpath(relpath)
+        if parts[0] == STATE_DIR.encode():
+            raise UnsafePath(f"Refusing {os.fsdecode(relpath)!r}: .snapfs belongs to snapfs.")
+        with self._write_lock(f"place {os.fsdecode(relpath)}"):
+            root_fd = os.open(self.root, DIR_FLAGS)
+            try:
+                with open_parent(root_fd, relpath, create=True) as (dfd, name):
+                    self._place_at(dfd, name, relpath, oid, src, digests or {})
+            except OSError as exc:
+                raise from_oserror(
+                    exc, "Placing the file", self.root / os.fsdecode(relpath)
+                ) from exc
+            finally:
+                os.close(root_fd)
+        return self.root / os.fsdecode(relpath)
+
+    def _place_at(
+        self,
+        dfd: int,
+        name: bytes,
+        relpath: bytes,
+        oid: Oid,
+        src: Path | None,
+        digests: Mapping[str, str],
+    ) -> None:
+        try:
+            if stat.S_ISDIR(os.lstat(name, dir_fd=dfd).st_mode):
+                raise UsageError(f"{os.fsdecode(relpath)} is a directory.")
+        except FileNotFoundError:
+            pass
+        if src is not None:
+            os.rename(src, name, dst_dir_fd=dfd)
+        else:
+            tmp = b".snapfs-place-" + os.urandom(6).hex().encode()
+            umask = os.umask(0o022)
+            os.umask(umask)
+            self.store.materialize(oid, dfd, tmp, 0o666 & ~umask)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.fsync(dfd)  # the rename must survive a power cut before anything points at it
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            st = os.fstat(fd)
+            mode = stat.S_IMODE(st.st_mode)
+            if src is not None and oid not in self.store:
+                self.store.lock.acquire(shared=True, wait=True)
+                try:
+                    batch = self.store.batch()
+                    try:
+                        batch.ingest(fd, st, (dfd, name), known=oid)
+                        batch.commit()
+                    except BaseException:
+                        batch.abort()
+                        raise
+                finally:
+                    self.store.lock.release()
+            for algo, digest in digests.items():
+                self.store.record_digest(algo, digest, oid)
+            # A cache entry is only trusted once its timestamps are safely in the past: a
+            # write within the same clock tick would leave them unchanged.
+            while True:
+                st = os.fstat(fd)
+                age = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns)
+                if age >= RACY_NS:
+                    break
+                time.sleep((RACY_NS - age) / 1e9)
+            racy = st.st_mtime_ns % 1_000_000_000 == 0  # coarse clock: let a scan re-check
+            entry = CacheEntry(
+                st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode, oid, racy
+            )
+            self.state.update_cache([(relpath, entry)], [])
+        finally:
+            os.close(fd)
 
     # ---- gc -----------------------------------------------------------------------------
     def gc(

@@ -357,6 +357,76 @@ def _txn_dict(r: Any) -> dict[str, Any]:
 
 
 @cli.command()
+@click.argument("url")
+@click.option(
+    "-o", "--output", "dest", metavar="DEST", help="Where to save (default: the URL's file name)."
+)
+@click.option(
+    "--mirror", "mirrors", multiple=True, metavar="URL", help="Another source (repeatable)."
+)
+@click.option("--sha256", metavar="HEX", help="Expected SHA-256; the file is checked and repaired.")
+@click.option("--xxh128", metavar="HEX", help="Expected XXH3-128 (snapfs's own digest).")
+@click.option("--size", metavar="N", help="Expected size (bytes, or like 4GiB).")
+@click.option("-C", "project", metavar="PATH", help="Save into this project (DEST relative to it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_ctx
+def download(
+    c: Ctx,
+    url: str,
+    dest: str | None,
+    mirrors: tuple[str, ...],
+    sha256: str | None,
+    xxh128: str | None,
+    size: str | None,
+    project: str | None,
+    as_json: bool,
+) -> None:
+    """Download URL resumably: verified chunks, retries, mirrors. Run it again to resume."""
+    from snapfs._config import parse_size
+    from snapfs._download import name_from_url
+
+    from .render import DownloadPrinter
+
+    project = project or c.path
+    printer = DownloadPrinter()
+    try:
+        res = snapfs.download(
+            url,
+            dest or name_from_url(url),
+            mirrors=mirrors,
+            sha256=sha256,
+            xxh128=xxh128,
+            size=parse_size(size) if size is not None else None,
+            project=project,
+            progress=printer,
+            env=dict(os.environ),
+            **({"store": c.store} if project and c.store else {}),
+        )
+    except KeyboardInterrupt:
+        printer.clear()
+        click.echo("snapfs: interrupted; run the same command to resume.", err=True)
+        sys.exit(130)
+    finally:
+        printer.clear()
+    if as_json:
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in res.__dict__.items()}
+        click.echo(json.dumps(d))
+        return
+    click.echo(safe(str(res.path)))
+    if res.reused:
+        how = "already there; nothing downloaded"
+    else:
+        how = f"{human_bytes(res.fetched)} fetched"
+        if res.resumed:
+            how += f", resumed from {human_bytes(res.resumed)}"
+        if res.retries:
+            how += f", {res.retries} retries"
+        if res.repaired:
+            how += f", {human_bytes(res.repaired)} repaired"
+    click.echo(f"Downloaded {human_bytes(res.size)} ({how}). SHA-256 {res.sha256 or '?'}", err=True)
+
+
+@cli.command()
 @pass_ctx
 def watch(c: Ctx) -> None:
     """Watch the project for changes (foreground), so snapshots and transactions read only

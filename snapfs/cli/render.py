@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import click
 
-from snapfs import Changes, Progress, SnapshotInfo
+from snapfs import Changes, DownloadProgress, Progress, SnapshotInfo
 from snapfs._restore import Op
 from snapfs._scan import ProgressFn, no_progress
 
@@ -90,3 +90,51 @@ class _Printer:
 
 def progress_printer() -> ProgressFn:
     return _Printer() if sys.stderr.isatty() else no_progress
+
+
+class DownloadPrinter:
+    """Download progress: a live bar on a terminal; otherwise only the notable events."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+        self.shown = False
+        self.said: set[str] = set()
+
+    def __call__(self, p: DownloadProgress) -> None:
+        if p.message and p.message not in self.said:
+            self.said.add(p.message)
+            self.clear()
+            click.echo(safe(f"snapfs: {p.message}"), err=True)
+        if not self.tty or p.phase not in ("downloading", "checking", "verifying"):
+            return
+        now = time.monotonic()
+        if now - self.last < 0.2:
+            return
+        self.last = now
+        width = 24
+        if p.total:
+            filled = int(width * p.done / p.total)
+            bar = "#" * filled + "-" * (width - filled)
+            amount = f"{human_bytes(p.done)}/{human_bytes(p.total)}"
+        else:
+            bar, amount = "?" * width, human_bytes(p.done)
+        eta = f" ETA {_clock(p.eta)}" if p.eta is not None else ""
+        retries = f" {p.retries} retries" if p.retries else ""
+        line = f"[{bar}] {amount} {human_bytes(int(p.rate))}/s{eta} from {p.source}{retries}"
+        sys.stderr.write("\r\x1b[K" + safe(line))
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return (
+        f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    )
