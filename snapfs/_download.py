@@ -54,6 +54,7 @@ from ._errors import (
     UsageError,
     from_oserror,
 )
+from ._fsops import start_writeback
 from ._hosts import HostBook
 from ._retry import RetryBudget, RetryPolicy, parse_retry_after
 from ._state import from_sqlite
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from ._project import Project
 
 READ = 1 << 20  # bytes per socket read and per disk read
+MAX_SEGMENT = 256 << 20  # the longest range asked for in one request
 PART_SUFFIX = ".snapfs-part"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -350,10 +352,24 @@ class _Plan:
         self.cond.notify_all()
 
     def _add_gap(self, start: int, end: int) -> None:
-        while start < end:
-            stop = min(end, start + self.chunk)
-            self.todo.append((start, stop))
-            start = stop
+        if start < end:
+            self.todo.append((start, end))
+
+    def carve(self, connections: int) -> tuple[int, int]:
+        """Take the next request's range off the to-do list.
+
+        Requests are long while much is left (a request costs a round trip, and recording an
+        extent every chunk keeps resume fine-grained anyway) and shrink towards one chunk near
+        the end, so the last bytes are spread over every connection.
+        """
+        start, end = self.todo.popleft()
+        left = sum(e - s for s, e in self.todo) + (end - start)
+        seg = max(self.chunk, min(MAX_SEGMENT, left // connections))
+        seg = -(-seg // self.chunk) * self.chunk  # whole chunks
+        if end - start > seg:
+            self.todo.appendleft((start + seg, end))
+            end = start + seg
+        return start, end
 
     def have(self) -> int:
         return sum(e.length for e in self.extents.values())
@@ -576,7 +592,7 @@ class _Download:
                         plan.inflight += 1
                         return plan.generation, 0, plan.chunk, True
                 elif plan.todo and not plan.streaming:
-                    start, end = plan.todo.popleft()
+                    start, end = plan.carve(self.config.download_connections)
                     plan.inflight += 1
                     return plan.generation, start, end, False
                 plan.cond.wait(1.0)
@@ -654,7 +670,9 @@ class _Download:
             self.last_error = f"{src.host}: {d}"
         except _Retry as r:
             got = max(got, getattr(r, "got", start))
+            self.hosts.settle(src.host)
         except _Changed as c:
+            self.hosts.settle(src.host)
             self._restart(src, c)
             got = start
         except OSError as exc:  # writing our own file failed: that is not the network's fault
@@ -793,7 +811,10 @@ class _Download:
             if plan.size is None and total is not None:
                 plan.set_size(total)
                 if probe and plan.todo:
-                    plan.todo.popleft()  # the probe's own range, [0, chunk)
+                    # The probe's own range, [0, chunk), is being read right here.
+                    s0, e0 = plan.todo.popleft()
+                    if e0 > end:
+                        plan.todo.appendleft((end, e0))
                 self.part.set_meta(size=total)
             elif plan.size is not None and total is not None and total != plan.size:
                 raise _Dead(
@@ -832,15 +853,23 @@ class _Download:
             raise _Dead(f"serves a file of {total} bytes, expected {want}", BadContent)
 
     def _read_into(self, src: _Source, raw: Any, gen: int, start: int, end: int | None) -> int:
-        """Write the body at [start, end), hashing as it lands; record what arrived."""
+        """Write the body at [start, end), hashing as it lands.
+
+        An extent (start, length, digest, source) is recorded for every chunk that arrives, and
+        for whatever arrived of the last one when the connection fails, so no received byte is
+        ever fetched again.
+        """
         fd = self.part.fd
+        chunk = self.plan.chunk
         h = xxhash.xxh3_128()
-        pos = start
+        piece = pos = start
         window_t, window_pos = time.monotonic(), pos
         min_speed, window = self.config.min_speed, self.config.min_speed_window
         try:
             while end is None or pos < end:
-                want = READ if end is None else min(READ, end - pos)
+                want = min(READ, piece + chunk - pos)
+                if end is not None:
+                    want = min(want, end - pos)
                 try:
                     data = raw.read(want)
                 except Exception as exc:  # urllib3: ProtocolError, ReadTimeoutError, ...
@@ -851,7 +880,7 @@ class _Download:
                     raise _Transient(
                         f"connection closed after {pos - start} of {end - start} bytes"
                     )
-                if pos == 0 and start == 0:
+                if pos == 0:
                     why = _looks_like_page("", data[:512], self.dest_name)
                     if why is not None:
                         raise _Dead(f"sent {why} instead of the file", BadContent)
@@ -862,21 +891,23 @@ class _Download:
                 os.pwrite(fd, data, pos)
                 h.update(data)
                 pos += n
+                if pos - piece >= chunk:
+                    self._keep(src, gen, piece, pos, h)
+                    piece, h = pos, xxhash.xxh3_128()
                 now = time.monotonic()
                 if now - window_t >= window:
-                    if (pos - window_pos) / (now - window_t) < min_speed:
-                        raise _Transient(
-                            f"too slow ({_human(int((pos - window_pos) / (now - window_t)))}/s)"
-                        )
+                    speed = (pos - window_pos) / (now - window_t)
+                    if speed < min_speed:
+                        raise _Transient(f"too slow ({_human(int(speed))}/s)")
                     window_t, window_pos = now, pos
         except (_Transient, _Dead, _Stop) as exc:
-            self._keep(src, gen, start, pos, h)
+            self._keep(src, gen, piece, pos, h)
             exc.got = pos  # type: ignore[union-attr]
             raise
         except OSError:
-            self._keep(src, gen, start, pos, h)
+            self._keep(src, gen, piece, pos, h)
             raise
-        self._keep(src, gen, start, pos, h)
+        self._keep(src, gen, piece, pos, h)
         if end is None:
             with self.plan.cond:
                 self.plan.set_size(pos, list(self.plan.extents.values()))
@@ -971,6 +1002,7 @@ class _Download:
                             return
                         ext = plan.extents[pos]
                     if self._check_extent(ext, (sha, whole)):
+                        start_writeback(self.part.fd, ext.start, ext.length)
                         pos = ext.end
                         with plan.cond:
                             plan.verified = pos
@@ -1020,11 +1052,10 @@ class _Download:
         by_source: dict[str, list[_Extent]] = {}
         for ext in extents:
             by_source.setdefault(ext.source, []).append(ext)
-        order = self.hosts.order(_host(u) for u in by_source)
         suspects = sorted(
             by_source,
             key=lambda u: (
-                order.index(_host(u)) * -1,
+                -self.hosts.health(_host(u)).corrupt,
                 sum(e.length for e in by_source[u]),
             ),
         )

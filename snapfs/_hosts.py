@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._errors import SnapfsError
 from ._state import connect
 
 HOSTS_SCHEMA = """
@@ -72,7 +73,7 @@ class HostBook:
                     "SELECT host, failures, opened, corrupt, successes FROM hosts"
                 ):
                     self._hosts[row[0]] = HostHealth(*row)
-            except (OSError, sqlite3.Error):
+            except (OSError, sqlite3.Error, SnapfsError):
                 # Host health is advice, not data: without its database, start fresh in memory.
                 self._db = None
 
@@ -115,6 +116,11 @@ class HostBook:
                 health[h].failures,
             ),
         )
+
+    def settle(self, host: str) -> None:
+        """A request ended without saying anything about the host's health."""
+        with self._mutex:
+            self._probing.discard(host)
 
     def success(self, host: str) -> None:
         with self._mutex:
