@@ -1416,6 +1416,10 @@ def _download_into(
             sha = expected["sha256"] or proj.store.digest_of(oid, "sha256") or ""
             report(DownloadProgress("done", size, size, 0.0, None, "", 0, "Already in the store."))
             return DownloadResult(path, size, sha, oid.hex(), 0, 0, True, 0, 0, {})
+    have = _already_there(target, expected)
+    if have is not None:  # DEST holds the expected bytes: store them, fetch nothing
+        path = proj.place(relpath, bytes.fromhex(have[1]), src=target, digests={"sha256": have[0]})
+        return _reused(path, have)
     downloads = proj.state_dir / "downloads"
     downloads.mkdir(exist_ok=True)
     key = xxhash.xxh3_64_hexdigest(relpath)
