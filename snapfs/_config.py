@@ -76,6 +76,9 @@ class Config:
     min_speed_window: float = 30.0
     breaker_threshold: int = 5  # failures in a row that open a host's circuit breaker
     breaker_cooldown: float = 60.0  # seconds before an open breaker lets one probe through
+    # operations (snapfs import / resume)
+    step_retries: int = 3  # automatic retries of a step that failed in a retryable way
+    on_failure: str = "rollback"  # a step that can't be completed: roll it back, or keep its work
     state_dir: Path | None = None  # per-user state (host health); default ~/.local/state/snapfs
 
 
@@ -106,6 +109,8 @@ _ENV = {
     "SNAPFS_BREAKER_THRESHOLD": "breaker_threshold",
     "SNAPFS_BREAKER_COOLDOWN": "breaker_cooldown",
     "SNAPFS_STATE_DIR": "state_dir",
+    "SNAPFS_STEP_RETRIES": "step_retries",
+    "SNAPFS_ON_FAILURE": "on_failure",
 }
 
 _SECONDS = (
@@ -123,6 +128,7 @@ _COUNTS = {  # name -> (lowest, highest)
     "download_connections": (1, 64),
     "retry_attempts": (1, 1000),
     "breaker_threshold": (1, 1000),
+    "step_retries": (0, 100),
 }
 
 
@@ -154,7 +160,7 @@ def _coerce(name: str, value: Any, base: Path | None) -> Any:
             if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
                 raise ValueError(value)
             return tuple(i for i in items if i)
-        if name == "crash_policy":
+        if name in ("crash_policy", "on_failure"):
             if value not in ("rollback", "keep"):
                 raise ValueError(value)
             return value

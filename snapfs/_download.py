@@ -32,6 +32,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 from collections import deque
@@ -51,10 +52,11 @@ from ._errors import (
     DownloadFailed,
     HashMismatch,
     SourceUnavailable,
+    UnsafePath,
     UsageError,
     from_oserror,
 )
-from ._fsops import start_writeback
+from ._fsops import DIR_FLAGS, open_parent, start_writeback
 from ._hosts import HostBook
 from ._retry import RetryBudget, RetryPolicy, parse_retry_after
 from ._state import from_sqlite
@@ -67,6 +69,8 @@ if TYPE_CHECKING:
 READ = 1 << 20  # bytes per socket read and per disk read
 MAX_SEGMENT = 256 << 20  # the longest range asked for in one request
 PART_SUFFIX = ".snapfs-part"
+LOCAL = "local"  # the source of bytes adopted from an incomplete file found at DEST
+SAMPLE = 1 << 20  # bytes compared with the server before adopting such a file
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS extents (
@@ -260,13 +264,36 @@ class _Partial:
             os.close(fd)
             raise _Finished(st.st_ino)
         self.fd = fd
-        self.db = sqlite3.connect(self.db_path, timeout=30, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: a kill -9 loses nothing committed; a power cut may lose the last records,
-        # which only costs re-fetching (and the hasher re-checks every extent anyway).
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
         self.mutex = threading.Lock()
+        try:
+            self.db = self._connect()
+        except sqlite3.DatabaseError:
+            # A damaged record is only a cache of progress: without it the bytes on disk can't
+            # be trusted, so start over with an empty one.
+            self.drop_record()
+            os.ftruncate(fd, 0)
+            try:
+                self.db = self._connect()
+            except sqlite3.Error as exc:
+                os.close(fd)
+                raise from_sqlite(exc, self.db_path) from exc
+        except sqlite3.Error as exc:
+            os.close(fd)
+            raise from_sqlite(exc, self.db_path) from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=30, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL: a kill -9 loses nothing committed; a power cut may lose the last records,
+            # which only costs re-fetching (and the hasher re-checks every extent anyway).
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            db.execute("SELECT COUNT(*) FROM extents").fetchone()
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
 
     def meta(self) -> dict[str, str]:
         with self.mutex:
@@ -373,6 +400,13 @@ class _Plan:
 
     def have(self) -> int:
         return sum(e.length for e in self.extents.values())
+
+    def prefix_end(self) -> int:
+        """Where the bytes we have, counted from 0 without a gap, end."""
+        pos = 0
+        while pos in self.extents:
+            pos = self.extents[pos].end
+        return pos
 
     @property
     def complete(self) -> bool:
@@ -484,6 +518,39 @@ class _Download:
                 self.plan.set_size(size, extents)
                 self.resumed = self.plan.have()
 
+    def adopt_prefix(self) -> int:
+        """Record the bytes of an incomplete file moved here from DEST as extents.
+
+        They were checked against a sample from the server; the whole-file digest checks the
+        rest, and if it fails, repair re-fetches these extents (source "local") first.
+        """
+        if self.plan.extents:
+            return 0
+        size = os.fstat(self.part.fd).st_size
+        chunk = self.plan.chunk
+        pos = 0
+        while pos < size:
+            n = min(chunk, size - pos)
+            h = xxhash.xxh3_128()
+            off = pos
+            while off < pos + n:
+                block = os.pread(self.part.fd, min(4 * READ, pos + n - off), off)
+                if not block:
+                    break
+                h.update(block)
+                off += len(block)
+            if off == pos:
+                break  # the file is shorter than fstat said: adopt what is there
+            ext = _Extent(pos, off - pos, h.digest(), LOCAL)
+            self.plan.extents[pos] = ext
+            self.part.record(ext)
+            pos = off
+        with self.plan.cond:
+            if self.plan.size is not None:
+                self.plan.set_size(self.plan.size, list(self.plan.extents.values()))
+        self.resumed = self.plan.have()
+        return self.resumed
+
     # -- allocation: fail early on a full disk
     def _allocate(self, size: int) -> None:
         if self._allocated:
@@ -590,7 +657,8 @@ class _Download:
                     if not plan.probing:
                         plan.probing = True
                         plan.inflight += 1
-                        return plan.generation, 0, plan.chunk, True
+                        start = plan.prefix_end()  # an adopted prefix needs no re-fetching
+                        return plan.generation, start, start + plan.chunk, True
                 elif plan.todo and not plan.streaming:
                     start, end = plan.carve(self.config.download_connections)
                     plan.inflight += 1
@@ -809,10 +877,10 @@ class _Download:
             if gen != plan.generation:
                 raise _Stop
             if plan.size is None and total is not None:
-                plan.set_size(total)
-                if probe and plan.todo:
-                    # The probe's own range, [0, chunk), is being read right here.
-                    s0, e0 = plan.todo.popleft()
+                plan.set_size(total, list(plan.extents.values()))
+                if probe and plan.todo and plan.todo[0][0] == start:
+                    # The probe's own range is being read right here.
+                    _s0, e0 = plan.todo.popleft()
                     if e0 > end:
                         plan.todo.appendleft((end, e0))
                 self.part.set_meta(size=total)
@@ -1081,7 +1149,8 @@ class _Download:
                     self.plan.extents[ext.start] = fixed
                     self.part.record(fixed)
                     self.repaired += ext.length
-                self.hosts.demote(_host(url))
+                if url != LOCAL:
+                    self.hosts.demote(_host(url))
                 return
         raise self._mismatch()
 
@@ -1282,6 +1351,94 @@ def _already_there(path: Path, expected: dict[str, Any]) -> tuple[str, str, int]
     return got if _matches(expected, *got) else None
 
 
+def _incomplete_at_dest(
+    dir_fd: int,
+    name: bytes,
+    part_path: Path,
+    urls: list[str],
+    expected: dict[str, Any],
+    config: Config,
+    quarantine: Path,
+    report: ProgressFn,
+) -> bool:
+    """An incomplete file at DEST (``name`` in ``dir_fd``; an earlier tool crashed): adopt it
+    if it is a prefix of the file, else move it to ``quarantine``. True if it was adopted as the
+    partial file.
+
+    Only with an expected digest (the finished file is checked as a whole) and no partial of
+    our own. Its last MiB is compared with the same range from the first source.
+    """
+    if not (expected["sha256"] or expected["xxh128"]) or os.path.lexists(part_path):
+        return False
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False  # absent, a symlink, unreadable: nothing to adopt
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return False
+        if expected["size"] is not None and st.st_size >= expected["size"]:
+            return False  # full length but wrong (checked by the caller): not a prefix
+        n = min(SAMPLE, st.st_size)
+        mine = os.pread(fd, n, st.st_size - n)
+    finally:
+        os.close(fd)
+    theirs = _sample(urls[0], st.st_size - n, st.st_size, config)
+    shown = os.fsdecode(name)
+    if theirs is not None and theirs == mine:
+        os.rename(name, part_path, src_dir_fd=dir_fd)
+        report(
+            DownloadProgress(
+                "checking",
+                st.st_size,
+                expected["size"],
+                0.0,
+                None,
+                "",
+                0,
+                f"Resuming the incomplete {shown} found in place ({_human(st.st_size)}).",
+            )
+        )
+        return True
+    quarantine.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(name, quarantine, src_dir_fd=dir_fd)
+    why = "doesn't match the source" if theirs is not None else "couldn't be checked"
+    report(
+        DownloadProgress(
+            "checking",
+            0,
+            expected["size"],
+            0.0,
+            None,
+            "",
+            0,
+            f"An incomplete {shown} was in place but {why}; moved it to {quarantine}.",
+        )
+    )
+    return False
+
+
+def _sample(url: str, start: int, end: int, config: Config) -> bytes | None:
+    """Bytes [start, end) of ``url`` in one plain request, or None if that didn't work."""
+    import requests
+
+    try:
+        with requests.get(
+            url,
+            headers={"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
+            timeout=(config.connect_timeout, config.read_timeout),
+            stream=True,
+        ) as resp:
+            a, _b, _t = parse_content_range(resp.headers.get("Content-Range"))
+            if resp.status_code != 206 or a != start:
+                return None
+            data = resp.raw.read(end - start)
+            return bytes(data) if len(data) == end - start else None
+    except Exception:  # any failure means "can't tell", which quarantines
+        return None
+
+
 def _reused(path: Path, digests: tuple[str, str, int]) -> DownloadResult:
     sha, xxh, n = digests
     return DownloadResult(path, n, sha, xxh, 0, 0, True, 0, 0, {})
@@ -1296,6 +1453,7 @@ def _run(
     report: ProgressFn,
     finish: Callable[[_Download], Path],
     finished_elsewhere: Callable[[int], DownloadResult | None],
+    adopt: bool = False,
 ) -> DownloadResult:
     def on_wait(msg: str) -> None:
         report(DownloadProgress("waiting", 0, expected["size"], 0.0, None, "", 0, msg))
@@ -1314,9 +1472,10 @@ def _run(
         )
         try:
             job.load()
-        except sqlite3.Error as exc:  # a torn record is only a cache of progress: start over
-            part.forget()
-            raise UsageError(f"The partial download record {part.db_path} is damaged.") from exc
+            if adopt:
+                job.adopt_prefix()
+        except sqlite3.Error as exc:
+            raise from_sqlite(exc, part.db_path) from exc
         report(DownloadProgress("checking", job.resumed, job.plan.size, 0.0, None, "", 0))
         job.run()
         if not job.matches():
@@ -1378,7 +1537,17 @@ def _download_plain(
             return None
         return _reused(dest, _hash_file(dest))
 
-    return _run(urls, part_path, dest.name, expected, config, report, finish, finished_elsewhere)
+    quarantine = dest.with_name(f"{dest.name}.snapfs-quarantine-{int(time.time())}")
+    dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        adopt = _incomplete_at_dest(
+            dfd, os.fsencode(dest.name), part_path, urls, expected, config, quarantine, report
+        )
+    finally:
+        os.close(dfd)
+    return _run(
+        urls, part_path, dest.name, expected, config, report, finish, finished_elsewhere, adopt
+    )
 
 
 def _download_into(
@@ -1396,8 +1565,6 @@ def _download_into(
     relpath = raw[2:] if raw.startswith(b"./") else raw
     parts = split_relpath(relpath)  # UnsafePath for absolute paths, '..', NUL
     if parts[0] == b".snapfs":
-        from ._errors import UnsafePath
-
         raise UnsafePath(f"Refusing {os.fsdecode(relpath)!r}: .snapfs belongs to snapfs.")
     name = os.fsdecode(parts[-1])
     target = proj.root / os.fsdecode(relpath)
@@ -1437,4 +1604,18 @@ def _download_into(
             return None
         return _reused(target, _hash_file(target))
 
-    return _run(urls, part_path, name, expected, proj.config, report, finish, finished_elsewhere)
+    quarantine = proj.state_dir / "quarantine" / f"{key}-{int(time.time())}-{name}"
+    adopt = False
+    root_fd = os.open(proj.root, DIR_FLAGS)
+    try:
+        with open_parent(root_fd, relpath) as (dfd, dname):  # O_NOFOLLOW all the way down
+            adopt = _incomplete_at_dest(
+                dfd, dname, part_path, urls, expected, proj.config, quarantine, report
+            )
+    except (UnsafePath, FileNotFoundError, NotADirectoryError):
+        pass  # nothing usable at DEST; placing the file later refuses unsafe paths
+    finally:
+        os.close(root_fd)
+    return _run(
+        urls, part_path, name, expected, proj.config, report, finish, finished_elsewhere, adopt
+    )

@@ -8,7 +8,8 @@ the CLI exit code. Technical detail lives in attributes and ``__cause__``.
 
     SnapfsError
      ├── UsageError (ValueError)            bad argument, unknown snapshot id
-     │    └── SnapshotNotFound (LookupError)
+     │    ├── SnapshotNotFound (LookupError)
+     │    └── PlanError                     an import plan is malformed; nothing was changed
      ├── NotAProject (FileNotFoundError)    no .snapfs/ here or above
      ├── ProjectPathError (NotADirectoryError)
      ├── LockBusy (BlockingIOError)         another writer holds the project
@@ -19,6 +20,7 @@ the CLI exit code. Technical detail lives in attributes and ``__cause__``.
      ├── UnsafePath                         a path would leave the project root
      ├── DiskFull (OSError)                 ENOSPC / EDQUOT
      ├── FilesystemError (OSError)          any other OS error, with operation and path
+     ├── CommandFailed                      git, pip or another tool exited non-zero (its output kept)
      └── DownloadError                      a download could not finish
           ├── SourceUnavailable            404, 401/403 that no refresh cures, every mirror dead
           ├── DownloadFailed (TimeoutError) transient faults outlasted the retry budget
@@ -160,6 +162,36 @@ class HashMismatch(DownloadError):
     """The finished file's digest is wrong and no other source could say which bytes are."""
 
     category = Category.VALIDATION
+
+
+class CommandFailed(SnapfsError):
+    """An external tool failed. The classifier reads ``tool``, ``returncode`` and ``output``."""
+
+    category = Category.DEPENDENCY
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        tool: str,
+        argv: tuple[str, ...] = (),
+        returncode: int | None = None,
+        output: str = "",
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.tool = tool
+        self.argv = argv
+        self.returncode = returncode
+        self.output = output  # the tail of stdout+stderr
+
+
+class PlanError(UsageError):
+    """An import plan failed validation. ``where`` is a JSON path like ``steps[2].dest``."""
+
+    def __init__(self, message: str, *, where: str = "", hint: str | None = None) -> None:
+        super().__init__(f"{where}: {message}" if where else message, hint=hint)
+        self.where = where
 
 
 _NO_SPACE = {_errno.ENOSPC, _errno.EDQUOT}

@@ -547,8 +547,18 @@ class Project:
         return doomed
 
     def _protected_ids(self) -> set[int]:
-        """Snapshots no retention rule may delete: HEAD and open transactions' checkpoints."""
+        """Snapshots no retention rule may delete: HEAD, open transactions' checkpoints, and
+        the restore points of operations that may still be resumed or rolled back."""
         ids = {t.checkpoint for t in self.state.txns(status="open")}
+        ids.update(
+            int(r[0])
+            for r in self.state.db.execute(
+                "SELECT checkpoint FROM operations WHERE checkpoint IS NOT NULL"
+                " AND status NOT IN ('done', 'rolled-back')"
+                " UNION SELECT s.checkpoint FROM op_steps s JOIN operations o ON o.id = s.op"
+                " WHERE s.checkpoint IS NOT NULL AND o.status NOT IN ('done', 'rolled-back')"
+            )
+        )
         if self.state.head is not None:
             ids.add(self.state.head)
         return ids

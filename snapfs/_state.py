@@ -50,6 +50,47 @@ CREATE TABLE IF NOT EXISTS transactions (
 );
 """
 
+OPS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS operations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    plan TEXT NOT NULL,                 -- JSON: what to run, enough to resume in a new process
+    status TEXT NOT NULL,               -- pending, running, done, failed, rolled-back
+    checkpoint INTEGER,                 -- the restore point taken before the first step
+    owner TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    error TEXT                          -- JSON diagnosis of the failure that stopped it
+);
+CREATE TABLE IF NOT EXISTS op_steps (
+    op INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,               -- pending, running, done, failed, rolled-back, skipped
+    attempts INTEGER NOT NULL DEFAULT 0,
+    checkpoint INTEGER,                 -- the step's restore point
+    started REAL,
+    ended REAL,
+    seconds REAL NOT NULL DEFAULT 0,
+    error TEXT,
+    PRIMARY KEY (op, idx)
+);
+CREATE TABLE IF NOT EXISTS errors (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    op INTEGER,
+    step INTEGER,
+    category TEXT NOT NULL,
+    code TEXT NOT NULL,
+    retryable INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS errors_by_code ON errors (code);
+"""
+
 KINDS = ("manual", "auto", "pre-op", "pre-restore", "post", "pre-import")
 
 
@@ -129,7 +170,7 @@ class TxnRow:
 class ProjectState:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = connect(path, PROJECT_SCHEMA)
+        self.db = connect(path, PROJECT_SCHEMA + OPS_SCHEMA)
         self.index_path = path.with_name("index")
         self._index: Index | None = None
         self._index_sig: tuple[int, int, int] | None = None

@@ -426,6 +426,163 @@ def download(
     click.echo(f"Downloaded {human_bytes(res.size)} ({how}). SHA-256 {res.sha256 or '?'}", err=True)
 
 
+def _op_events() -> Any:
+    from .render import op_event_printer
+
+    return op_event_printer()
+
+
+def _run_op(p: Project, op: int) -> None:
+    from snapfs._ops import OperationFailed, run_operation
+
+    from .render import print_guidance
+
+    try:
+        res = run_operation(p, op, report=_op_events())
+    except OperationFailed as exc:
+        print_guidance(exc, p)
+        sys.exit(ExitCode.ERROR)
+    except KeyboardInterrupt:
+        click.echo(
+            f"snapfs: interrupted. The step in progress was rolled back; 'snapfs resume {op}'"
+            " continues (downloaded bytes are kept).",
+            err=True,
+        )
+        sys.exit(130)
+    click.echo(
+        f"Operation {op} done: {res.ran} step(s) run, {res.skipped} already done"
+        + (f", {res.retries} retried" if res.retries else "")
+        + f" ({res.seconds:.1f} s). Restore point: snapshot {res.checkpoint}.",
+        err=True,
+    )
+
+
+@cli.command(name="import")
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option(
+    "--dry-run", is_flag=True, help="Validate the plan and list its steps; change nothing."
+)
+@pass_ctx
+def import_(c: Ctx, plan: str, dry_run: bool) -> None:
+    """Import a workflow from PLAN.json: a checkpointed operation that resumes or rolls back."""
+    from snapfs._import import load_plan, start_import
+
+    with c.open() as p:
+        if dry_run:
+            data = load_plan(plan, p.root)
+            click.echo(f"Plan {data['name']!r} is valid: {len(data['steps'])} step(s).")
+            for i, st in enumerate(data["steps"], 1):
+                click.echo(safe(f"  {i}. {st['name']}"))
+            return
+        op = start_import(p, plan)
+        click.echo(f"Operation {op}: import {safe(plan)}", err=True)
+        _run_op(p, op)
+
+
+@cli.command()
+@click.argument("op", type=int, required=False)
+@pass_ctx
+def resume(c: Ctx, op: int | None) -> None:
+    """Continue an interrupted or failed operation from its first unfinished step."""
+    from snapfs._ops import resumable
+
+    with c.open() as p:
+        if op is None:
+            rec = resumable(p)
+            if rec is None:
+                click.echo("Nothing to resume: every operation finished or was rolled back.")
+                return
+            op = rec.id
+        click.echo(f"Resuming operation {op}.", err=True)
+        _run_op(p, op)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ops(ctx: click.Context, as_json: bool) -> None:
+    """List operations (imports) with their status; see 'ops show ID', 'ops rollback ID'."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from snapfs._ops import list_operations
+
+    from .render import print_operations
+
+    c: Ctx = ctx.obj
+    with c.open() as p:
+        rows = list_operations(p, limit=50)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in rows]))
+    else:
+        print_operations(rows)
+
+
+@ops.command(name="show")
+@click.argument("op", type=int)
+@click.option("-v", "--verbose", is_flag=True, help="Technical details of errors.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def ops_show(c: Ctx, op: int, verbose: bool, as_json: bool) -> None:
+    """Show one operation: its steps, errors and restore points."""
+    from snapfs._ops import load_operation
+
+    from .render import print_operation
+
+    with c.open() as p:
+        rec = load_operation(p, op)
+    if as_json:
+        click.echo(json.dumps(rec.to_dict()))
+    else:
+        print_operation(rec, verbose)
+
+
+@ops.command(name="rollback")
+@click.argument("op", type=int)
+@click.option("-y", "--yes", is_flag=True, help="Don't ask.")
+@pass_ctx
+def ops_rollback(c: Ctx, op: int, yes: bool) -> None:
+    """Undo a whole operation: restore the snapshot taken before it started."""
+    from snapfs._ops import load_operation, rollback_operation
+
+    with c.open() as p:
+        rec = load_operation(p, op)
+        if rec.checkpoint is None:
+            raise snapfs.UsageError(f"Operation {op} never started; there is nothing to undo.")
+        if not yes and sys.stdin.isatty():
+            click.confirm(
+                f"Restore snapshot {rec.checkpoint} (before operation {op})? Later changes are"
+                " saved in a pre-restore snapshot first.",
+                abort=True,
+            )
+        cp = rollback_operation(p, op)
+    click.echo(f"Operation {op} rolled back: the project is as it was at snapshot {cp}.")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def errors(c: Ctx, as_json: bool) -> None:
+    """Show the project's error history: what failed, how often, by category."""
+    from snapfs._ops import error_history
+
+    with c.open() as p:
+        rows = error_history(p)
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in rows]))
+        return
+    if not rows:
+        click.echo("No errors recorded.")
+        return
+    by_cat: dict[str, int] = {}
+    for r in rows:
+        by_cat[r.category] = by_cat.get(r.category, 0) + r.count
+    click.echo("By category: " + ", ".join(f"{k} {v}" for k, v in sorted(by_cat.items())))
+    click.echo(f"  {'COUNT':>5}  {'LAST':19}  {'CODE':22}  MESSAGE")
+    for r in rows:
+        last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.last))
+        click.echo(safe(f"  {r.count:>5}  {last}  {r.code:22}  {r.message}"))
+
+
 @cli.command()
 @pass_ctx
 def watch(c: Ctx) -> None:

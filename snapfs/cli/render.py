@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -138,3 +139,80 @@ def _clock(seconds: float) -> str:
     return (
         f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
     )
+
+
+def op_event_printer() -> Any:
+    """Operation progress on stderr: one line per step, retries and fixes, a live line for
+    downloads on a terminal."""
+    tty = sys.stderr.isatty()
+    state = {"live": False}
+
+    def show(ev: Any) -> None:
+        if ev.kind == "progress":
+            if not tty:
+                return
+            sys.stderr.write("\r\x1b[K    " + safe(ev.message)[:100])
+            sys.stderr.flush()
+            state["live"] = True
+            return
+        if state["live"]:
+            sys.stderr.write("\r\x1b[K")
+            state["live"] = False
+        mark = {"retry": "  ! ", "fix": "  + ", "skip": "  = ", "failed": "  x "}.get(ev.kind, "")
+        if ev.kind in ("failed", "done"):
+            return  # the final report says it
+        click.echo(safe(f"{mark}{ev.message}"), err=True)
+
+    return show
+
+
+def print_guidance(exc: Any, project: Any) -> None:
+    """The plain-language report of a failed operation, with the fixes on offer."""
+    d = exc.diagnosis
+    op = exc.op
+    click.echo(safe(f"snapfs: step {exc.step + 1} ({exc.step_name}) failed."), err=True)
+    click.echo(safe(f"  What happened: {d.message}"), err=True)
+    if exc.rolled_back:
+        kept = {0: "", 1: " Step 1 is kept."}.get(exc.step, f" Steps 1-{exc.step} are kept.")
+        click.echo(f"  The project is back as it was before this step.{kept}", err=True)
+    else:
+        click.echo(safe(f"  {exc.message.split(d.message, 1)[-1].strip()}"), err=True)
+    click.echo("  What you can do:", err=True)
+    for a in d.actions:
+        click.echo(safe(f"    - {a.label}"), err=True)
+    click.echo(
+        f"    snapfs resume {op}        try again from this step (downloads resume)", err=True
+    )
+    click.echo(f"    snapfs ops rollback {op}  undo the whole operation", err=True)
+    click.echo(f"    snapfs ops show {op} -v   technical details", err=True)
+
+
+def print_operations(rows: Sequence[Any]) -> None:
+    if not rows:
+        click.echo("No operations yet. Run one with 'snapfs import PLAN.json'.")
+        return
+    click.echo(f"  {'ID':>4}  {'STARTED':19}  {'STATUS':11}  {'STEPS':>7}  {'RESTORE':>7}  NAME")
+    for r in rows:
+        done = sum(1 for s in r.steps if s.status == "done")
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created))
+        cp = str(r.checkpoint) if r.checkpoint is not None else "-"
+        click.echo(
+            safe(
+                f"  {r.id:>4}  {created}  {r.status:11}  {done:>3}/{len(r.steps):<3}  {cp:>7}"
+                f"  {r.kind}: {r.label}"
+            )
+        )
+
+
+def print_operation(r: Any, verbose: bool) -> None:
+    cp = f"snapshot {r.checkpoint}" if r.checkpoint is not None else "none yet"
+    click.echo(safe(f"Operation {r.id} ({r.kind}: {r.label}): {r.status}; restore point {cp}"))
+    for s in r.steps:
+        extra = f" x{s.attempts}" if s.attempts > 1 else ""
+        rp = f" [restore point {s.checkpoint}]" if s.checkpoint is not None else ""
+        click.echo(safe(f"  {s.index + 1}. {s.status:11} {s.name}{extra}{rp} {s.seconds:.1f} s"))
+        if s.error:
+            click.echo(safe(f"       {s.error.get('code')}: {s.error.get('message')}"))
+            if verbose and s.error.get("detail"):
+                for line in str(s.error["detail"]).splitlines()[-15:]:
+                    click.echo(safe(f"         {line}"))
