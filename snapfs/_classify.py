@@ -147,7 +147,7 @@ ACTIONS: Mapping[str, Action] = MappingProxyType({a.id: a for a in _ACTION_LIST}
 class _Fields(dict[str, str]):
     """Template fields; a missing one reads as a neutral default instead of raising."""
 
-    DEFAULTS = {"path": "a file", "pkg": "a package", "tool": "a build tool", "what": "a file"}
+    DEFAULTS = {"path": "that path", "pkg": "a package", "tool": "a build tool", "what": "a file"}
 
     def __missing__(self, key: str) -> str:
         return self.DEFAULTS.get(key, "")
@@ -179,7 +179,8 @@ class Kind:
     ) -> Diagnosis:
         """The diagnosis for this kind; ``fields`` and keywords fill the message templates."""
         given = {**(fields or {}), **more}
-        values = _Fields({k: _one_line(str(v), 120) for k, v in given.items() if v is not None})
+        # One line each, but a leading space (" at steps[2]") is part of the value.
+        values = _Fields({k: _field(v) for k, v in given.items() if v is not None})
         if retry_after is not None and "wait" not in values:
             values["wait"] = f" in {_duration(retry_after)}"
         reason = self.reason.format_map(values)
@@ -273,7 +274,7 @@ _KIND_LIST = (
           "free-space resume"),
     _kind("fs.permission", SYSTEM, False, "access to {path} was denied",
           "Check who owns it and its permissions, then try again", "check-permissions"),
-    _kind("fs.readonly", SYSTEM, False, "{path} is on a disk that cannot be written to",
+    _kind("fs.readonly", SYSTEM, False, "the disk holding {path} cannot be written to",
           "Make the disk writable, or use another folder", "check-permissions"),
     _kind("fs.too-many-files", SYSTEM, True, "too many files are open at once",
           "Close some programs, then try again", "close-programs retry"),
@@ -281,19 +282,19 @@ _KIND_LIST = (
           "Use a shorter name, or move the project to a shorter folder path", "shorten-path"),
     _kind("fs.cross-device", SYSTEM, False, "a file would have to move between two disks",
           "Keep the project and the snapfs store on one disk", "same-disk report-bug"),
-    _kind("fs.not-found", SYSTEM, False, "{path} does not exist (it may have been moved or deleted)",
+    _kind("fs.not-found", SYSTEM, False, "nothing is at {path} (it may have been moved or deleted)",
           "Check that it is still there", "check-path rollback"),
     _kind("fs.io-error", SYSTEM, False, "the disk reported a read or write failure",
           "Check the disk for errors; it may be failing", "check-disk"),
-    _kind("fs.exists", SYSTEM, False, "{path} is already there and in the way",
+    _kind("fs.exists", SYSTEM, False, "something is already at {path} and in the way",
           "Move it aside, then try again", "check-path"),
-    _kind("fs.symlink-loop", SYSTEM, False, "{path} goes through a link that loops or is not allowed here",
+    _kind("fs.symlink-loop", SYSTEM, False, "a link on the way to {path} loops or is not allowed here",
           "Replace the link with a real file or folder", "check-path"),
-    _kind("fs.not-a-folder", SYSTEM, False, "part of the path {path} is a file, not a folder",
+    _kind("fs.not-a-folder", SYSTEM, False, "part of {path} is a file, not a folder",
           "Check the path", "check-path"),
-    _kind("fs.is-a-folder", SYSTEM, False, "{path} is a folder where a file was expected",
+    _kind("fs.is-a-folder", SYSTEM, False, "there is a folder at {path} where a file was expected",
           "Check the path", "check-path"),
-    _kind("fs.busy", SYSTEM, True, "{path} is in use by another program",
+    _kind("fs.busy", SYSTEM, True, "another program is using {path}",
           "Close the program using it, then try again", "close-programs retry"),
     _kind("fs.error", SYSTEM, False, "a file operation failed ({why})", "Check the file or folder",
           "check-path report-bug"),
@@ -302,7 +303,7 @@ _KIND_LIST = (
     # -- snapfs itself
     _kind("lock.busy", SYSTEM, True, "another snapfs task is working on this project",
           "Wait for it to finish, then try again", "wait"),
-    _kind("state.corrupt", SYSTEM, False, "snapfs's own records for this project are damaged",
+    _kind("state.corrupt", SYSTEM, False, "the records snapfs keeps for this project are damaged",
           "Check the project; restore its .snapfs folder from a backup if you have one",
           "verify report-bug"),
     _kind("object.missing", VALIDATION, False, "the stored copy of {what} is missing",
@@ -343,9 +344,10 @@ _KIND_LIST = (
           "Check the internet connection, then try again", "retry check-network"),
     _kind("pip.no-match", DEPENDENCY, False, "no version of {pkg} matches what was asked for",
           "Check the package name, or choose another version", "pin-version rollback"),
-    _kind("pip.python-version", DEPENDENCY, False, "{pkg} needs a different version of Python",
+    _kind("pip.python-version", DEPENDENCY, False, "this version of Python is not supported by {pkg}",
           "Choose another version of it", "pin-version rollback"),
-    _kind("pip.constraint", DEPENDENCY, False, "it would change {pkg}, which must stay as it is",
+    _kind("pip.constraint", DEPENDENCY, False,
+          "this needs a different version of {pkg}, which must stay as it is",
           "Choose versions that work with the current {pkg}, or roll back", "pin-version rollback"),
     _kind("pip.conflict", DEPENDENCY, False,
           "the packages asked for need versions of each other that cannot be installed together",
@@ -353,15 +355,19 @@ _KIND_LIST = (
     _kind("pip.build-tools-missing", DEPENDENCY, False, "building {pkg} needs {tool}, which is not installed",
           "Install build tools, or choose a version with a ready-made download",
           "install-build-tools pin-version"),
-    _kind("pip.build-failed", DEPENDENCY, False, "{pkg} could not be built from its source code",
+    _kind("pip.build-failed", DEPENDENCY, False, "building {pkg} from its source code failed",
           "Choose a version with a ready-made download, or install build tools",
           "pin-version install-build-tools rollback"),
+    _kind("pip.venv-missing", DEPENDENCY, False, "the Python environment for this step is missing",
+          "Create it, or fix the plan's venv, then try again", "fix-plan rollback"),
     _kind("pip.failed", DEPENDENCY, False, "pip failed for a reason snapfs does not recognise",
           "Open the details to see pip's message", "report-bug rollback"),
     # -- other tools, and the rest
-    _kind("tool.missing", DEPENDENCY, False, "{tool} is not installed",
+    _kind("tool.missing", DEPENDENCY, False, "the program {tool} is not installed",
           "Install it, then try again", "install-tool"),
-    _kind("command.failed", DEPENDENCY, False, "{tool} failed",
+    _kind("tool.timeout", DEPENDENCY, True, "the program {tool} took too long and was stopped",
+          "Try again; if it happens again, check the internet connection", "retry check-network"),
+    _kind("command.failed", DEPENDENCY, False, "the program {tool} failed",
           "Open the details to see its message", "report-bug rollback"),
     _kind("error", SYSTEM, False, "{text}", "Open the details for more", "report-bug"),
     _kind("internal", SYSTEM, False, "something unexpected went wrong inside snapfs",
@@ -501,10 +507,12 @@ def _finish(d: Diagnosis, chain: Sequence[BaseException]) -> Diagnosis:
 
 def _internal(exc: BaseException, context: str, chain: Sequence[BaseException]) -> Diagnosis:
     detail = describe(chain)
-    try:
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    except Exception:  # pragma: no cover - formatting is best effort
-        tb = ""
+    tb = ""
+    if exc.__traceback__ is not None:  # where the bug is: worth having in a bug report
+        try:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        except Exception:  # pragma: no cover - formatting is best effort
+            pass
     if tb:
         detail = f"{detail}\n\n{tb.rstrip()}"
     return _finish(KINDS["internal"].diagnose(context, detail=detail), chain)
@@ -530,10 +538,23 @@ def describe(chain: Sequence[BaseException]) -> str:
         except Exception:  # pragma: no cover - extras are best effort
             pass
         parts.append("\n".join(lines))
-    text = "\n".join(parts)
+    text = _redact("\n".join(parts))
     if len(text) > _DETAIL_MAX:
         text = text[: _DETAIL_MAX - 20] + "\n... (cut short)"
     return text
+
+
+# The detail ends up in bug reports: keep passwords and signed-URL secrets out of it.
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@'\"]+@", re.IGNORECASE)
+_SECRET_PARAM = re.compile(
+    r"([?&][^=&#\s]*(?:token|signature|sig|secret|password|passwd|credential|key|auth)"
+    r"[^=&#\s]*=)[^&#\s'\"]+",
+    re.IGNORECASE,
+)
+
+
+def _redact(text: str) -> str:
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
 def _extras(e: BaseException) -> list[str]:
@@ -710,8 +731,7 @@ def _command_parts(e: BaseException) -> tuple[str, tuple[str, ...], int | None, 
         return e.tool, tuple(e.argv), e.returncode, e.output or ""
     subprocess = sys.modules.get("subprocess")
     if subprocess is not None and isinstance(e, subprocess.CalledProcessError):
-        cmd = e.cmd
-        argv = tuple(map(str, cmd)) if isinstance(cmd, (list, tuple)) else tuple(shlex.split(cmd))
+        argv = _argv(e.cmd)
         out = "".join(
             x.decode(errors="replace") if isinstance(x, bytes) else x
             for x in (e.stdout, e.stderr)
@@ -719,6 +739,16 @@ def _command_parts(e: BaseException) -> tuple[str, tuple[str, ...], int | None, 
         )
         return (argv[0] if argv else "?"), argv, e.returncode, out
     return None
+
+
+def _argv(cmd: object) -> tuple[str, ...]:
+    if isinstance(cmd, (list, tuple)):
+        return tuple(os.fsdecode(c) if isinstance(c, (bytes, os.PathLike)) else str(c) for c in cmd)
+    text = os.fsdecode(cmd) if isinstance(cmd, (bytes, os.PathLike)) else str(cmd)
+    try:
+        return tuple(shlex.split(text))
+    except ValueError:  # unbalanced quotes: a shell would have refused it too
+        return tuple(text.split())
 
 
 def tool_name(tool: str, argv: Sequence[str] = ()) -> str:
@@ -814,12 +844,16 @@ PIP_ROWS: tuple[Row, ...] = (
     ("pip.network", r"Read timed out|Max retries exceeded|ProxyError"),
     ("pip.network", r"Could not fetch URL|connection error|Temporary failure in name resolution"),
     ("pip.network", r"Connection (reset|refused|aborted)|IncompleteRead|ChunkedEncodingError"),
-    ("fs.permission", r"due to an OSError: \[Errno 13\]"),
-    ("fs.readonly", r"due to an OSError: \[Errno 30\]"),
+    ("fs.permission", r"due to an OSError: \[Errno 13\][^'\n]*(?:'(?P<path>[^'\n]+)')?"),
+    ("fs.readonly", r"due to an OSError: \[Errno 30\][^'\n]*(?:'(?P<path>[^'\n]+)')?"),
     # A caller that holds packages in place may say so in the output ("torch must not change").
-    ("pip.constraint", r"^\W*(?P<pkg>[A-Za-z0-9][\w.=<>!~-]*) must not (change|be changed)"),
+    ("pip.constraint", r"\b(?P<pkg>[A-Za-z0-9][\w.-]*)(?:[=<>!~]=?[^\s,;()]*)? must not"
+                       r" (change|be changed)"),
     ("pip.constraint", r"The user requested \(constraint\) (?P<pkg>[A-Za-z0-9][A-Za-z0-9._-]*)"),
+    # What snapfs's import says when pip moved a package the plan protects.
+    ("pip.constraint", r"protected package changed: (?P<pkg>\S+)"),
     ("pip.conflict", r"ResolutionImpossible|conflicting dependencies|dependency conflict"),
+    ("pip.venv-missing", r"/bin/python[\d.]*: No such file or directory"),
     ("pip.python-version", r"require a different python version[\s\S]*"
                            r"No matching distribution found for (?P<pkg>\S+)"),
     ("pip.python-version", r"Package '(?P<pkg>[^']+)' requires a different Python"),
@@ -840,18 +874,25 @@ PIP_ROWS: tuple[Row, ...] = (
 )  # fmt: skip
 
 
-def _tool_missing(exc: BaseException, context: str) -> Diagnosis | None:
-    """The tool itself is not installed: exit status 127, or its exec failed with ENOENT."""
+def _tool_state(exc: BaseException, context: str) -> Diagnosis | None:
+    """The tool is not installed (exit status 127, or its exec failed with ENOENT), or it ran
+    past its time limit and was killed."""
+    subprocess = sys.modules.get("subprocess")
+    expired = subprocess.TimeoutExpired if subprocess is not None else ()
+    if expired and isinstance(exc, expired):
+        argv = _argv(exc.cmd)
+        name = tool_name(argv[0], argv) if argv else "a program"
+        return KINDS["tool.timeout"].diagnose(context, tool=name)
     parts = _command_parts(exc)
     if parts is None:
         return None
     tool, argv, rc, _ = parts
+    name = tool_name(tool, argv) or tool
     cause = exc.__cause__ or exc.__context__
-    missing = rc == 127 or (
-        isinstance(cause, FileNotFoundError) and cause.filename in (tool, *argv[:1])
-    )
-    if missing:
-        return KINDS["tool.missing"].diagnose(context, tool=os.path.basename(tool) or tool)
+    if rc == 127 or (isinstance(cause, FileNotFoundError) and cause.filename in (tool, *argv[:1])):
+        return KINDS["tool.missing"].diagnose(context, tool=name)
+    if expired and isinstance(cause, expired):
+        return KINDS["tool.timeout"].diagnose(context, tool=name)
     return None
 
 
@@ -898,7 +939,10 @@ def _http_error(exc: BaseException, context: str) -> Diagnosis | None:
     kind = KINDS[_http_code(status)]
     retry_after = None
     if kind.retryable and headers is not None:
-        retry_after = parse_retry_after(headers.get("Retry-After"))
+        try:
+            retry_after = parse_retry_after(headers.get("Retry-After"))
+        except ValueError:  # a header like "²" passes isdigit() but not int()
+            retry_after = None
     return kind.diagnose(context, retry_after=retry_after)
 
 
@@ -1032,7 +1076,7 @@ def _generic_snapfs(exc: BaseException, context: str) -> Diagnosis | None:
     parts = _command_parts(exc)
     if parts is not None:
         name = tool_name(parts[0], parts[1])
-        code = f"{name}.failed" if f"{name}.failed" in KINDS else "command.failed"
+        code = f"{name}.failed" if name in ("git", "pip") else "command.failed"
         d = KINDS[code].diagnose(context, tool=name)
     elif isinstance(exc, FilesystemError):
         d = KINDS["fs.error"].diagnose(context, why=_lower_first(exc.message.rstrip(".")))
@@ -1051,7 +1095,7 @@ def default_rules() -> list[Rule]:
         _interrupted,
         _snapfs,
         _mismatch_attributes,
-        _tool_missing,
+        _tool_state,
         OutputRule((), _ANY_TOOL_ROWS),
         OutputRule("git", GIT_ROWS),
         OutputRule("pip", PIP_ROWS),
@@ -1081,6 +1125,11 @@ def _safe_str(exc: BaseException) -> str:
         return str(exc)
     except Exception:  # a broken __str__ must not break the diagnosis
         return ""
+
+
+def _field(value: object, limit: int = 200) -> str:
+    text = re.sub(r"\s+", " ", str(value))
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def _one_line(text: str, limit: int) -> str:

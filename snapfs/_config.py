@@ -217,3 +217,9 @@ def load_config(
         if value is not None:
             values[name] = _coerce(name, value, None)
     return replace(Config(), **values)
+
+
+def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """``config`` with some settings replaced (checked and converted like flags)."""
+    values = {k: _coerce(k, v, None) for k, v in overrides.items() if v is not None}
+    return replace(config, **values)

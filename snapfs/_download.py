@@ -44,13 +44,14 @@ from urllib.parse import unquote, urlsplit
 
 import xxhash
 
-from ._config import Config
+from ._config import Config, with_overrides
 from ._errors import (
     BadContent,
     DiskFull,
     DownloadError,
     DownloadFailed,
     HashMismatch,
+    SnapfsError,
     SourceUnavailable,
     UnsafePath,
     UsageError,
@@ -71,6 +72,10 @@ MAX_SEGMENT = 256 << 20  # the longest range asked for in one request
 PART_SUFFIX = ".snapfs-part"
 LOCAL = "local"  # the source of bytes adopted from an incomplete file found at DEST
 SAMPLE = 1 << 20  # bytes compared with the server before adopting such a file
+FAST_AFTER = 4 << 20  # bytes into a response before it may switch to whole-block reads
+FAST_RATE = 16e6  # bytes/s that count as fast
+FAST_READ_SECONDS = 0.25  # a whole-block read slower than this switches back to read1
+STANDIN_GRACE = 2.0  # seconds: wait this long for the best source before using another
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS extents (
@@ -267,6 +272,9 @@ class _Partial:
         self.mutex = threading.Lock()
         try:
             self.db = self._connect()
+        except UnsafePath:
+            os.close(fd)
+            raise
         except sqlite3.DatabaseError:
             # A damaged record is only a cache of progress: without it the bytes on disk can't
             # be trusted, so start over with an empty one.
@@ -282,6 +290,10 @@ class _Partial:
             raise from_sqlite(exc, self.db_path) from exc
 
     def _connect(self) -> sqlite3.Connection:
+        for suffix in ("", "-wal", "-shm"):  # SQLite would follow a symlink planted there
+            side = Path(str(self.db_path) + suffix)
+            if side.is_symlink():
+                raise UnsafePath(f"Refusing to use {side}: it is a symlink.")
         db = sqlite3.connect(self.db_path, timeout=30, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -363,6 +375,7 @@ class _Plan:
         self.streaming = False  # one worker reads a Range-ignoring source front to back
         self.generation = 0
         self.verified = 0  # the hasher's position: bytes [0, verified) are checked
+        self.hashed = False  # the hasher read the whole file: the digests are final
         self.error: BaseException | None = None
         self.stopped = False
 
@@ -410,7 +423,7 @@ class _Plan:
 
     @property
     def complete(self) -> bool:
-        return self.size is not None and self.verified >= self.size
+        return self.hashed
 
     def put_back(self, start: int, end: int) -> None:
         """Return an unfinished range, keeping the list in offset order (low offsets first)."""
@@ -511,6 +524,19 @@ class _Download:
             meta = {}
         for s in self.sources:
             s.validator = meta.get("validator:" + s.url)
+            if meta.get("noranges:" + s.url):
+                s.ranges = False
+        # Resume only bytes whose version can be told: from a source with a validator (If-Range
+        # restarts cleanly if the file changed), or found on disk with a digest to check.
+        checked = {s.url for s in self.sources if s.validator}
+        digest = bool(want["sha256"] or want["xxh128"])
+        unsure = [
+            e for e in extents if e.source not in checked and not (e.source == LOCAL and digest)
+        ]
+        if unsure:
+            for e in unsure:
+                self.part.forget(e)
+            extents = [e for e in extents if e not in unsure]
         size = int(meta["size"]) if "size" in meta else self.expected.get("size")
         self.part.set_meta(**want)
         with self.plan.cond:
@@ -558,13 +584,16 @@ class _Download:
         have = self.plan.have()
         try:
             st = os.fstatvfs(self.part.fd)
-            free = st.f_bavail * st.f_frsize
-            if size - have > free:
-                raise DiskFull(
-                    f"Not enough space for {self.dest_name}: it needs {_human(size - have)} more,"
-                    f" and {_human(free)} is free.",
-                    hint="Free some space and run the command again; nothing was lost.",
-                )
+        except OSError as exc:
+            raise from_oserror(exc, "Downloading", self.part.path) from exc
+        free = st.f_bavail * st.f_frsize
+        if size - have > free:
+            raise DiskFull(
+                f"Not enough space for {self.dest_name}: it needs {_human(size - have)} more,"
+                f" and {_human(free)} is free.",
+                hint="Free some space and run the command again; nothing was lost.",
+            )
+        try:
             os.ftruncate(self.part.fd, max(size, os.fstat(self.part.fd).st_size))
             try:
                 os.posix_fallocate(self.part.fd, 0, size)
@@ -660,13 +689,26 @@ class _Download:
                         start = plan.prefix_end()  # an adopted prefix needs no re-fetching
                         return plan.generation, start, start + plan.chunk, True
                 elif plan.todo and not plan.streaming:
-                    start, end = plan.carve(self.config.download_connections)
-                    plan.inflight += 1
-                    return plan.generation, start, end, False
+                    if self._ranges_ignored():
+                        # Every source answers with the whole file: one connection reads it
+                        # front to back; more would each pay for the bytes before their range.
+                        if plan.inflight == 0:
+                            start, end = plan.todo.popleft()
+                            plan.inflight += 1
+                            return plan.generation, start, end, False
+                    else:
+                        start, end = plan.carve(self.config.download_connections)
+                        plan.inflight += 1
+                        return plan.generation, start, end, False
                 plan.cond.wait(1.0)
 
-    def _pick(self) -> _Source:
-        """The healthiest usable source, waiting out its backoff. Raises if none is left."""
+    def _ranges_ignored(self) -> bool:
+        alive = [s for s in self.sources if s.dead is None]
+        return bool(alive) and all(s.ranges is False for s in alive)
+
+    def _pick(self) -> tuple[_Source, bool]:
+        """The healthiest usable source, waiting out its backoff, and whether it is the best
+        one (a stand-in while the best backs off gets short requests). Raises if none is left."""
         while True:
             now = time.monotonic()
             with self.plan.cond:
@@ -678,14 +720,28 @@ class _Download:
                 # A source that ignores Range is a last resort while others honour it.
                 ranged = [s for s in alive if s.ranges is not False]
                 pool = ranged or alive
-            order = self.hosts.order(s.host for s in pool)
-            pool.sort(key=lambda s: (order.index(s.host), s.failures))
+            # The order the user gave, except that a host caught serving corrupt bytes, or
+            # whose breaker is open, goes last. A failure or two does not reorder sources:
+            # backoff handles those, and the primary is usually the trusted one.
+            rank = {"closed": 0, "half-open": 1, "open": 2}
+            pool.sort(
+                key=lambda s: (
+                    self.hosts.health(s.host).corrupt > 0,
+                    rank[self.hosts.state(s.host)],
+                    self.sources.index(s),
+                )
+            )
             ready = [s for s in pool if s.not_before <= now]
+            best = pool[0]
+            if ready and ready[0] is not best and best.not_before - now <= STANDIN_GRACE:
+                # The best source is back in a moment: a short wait beats moving the work to
+                # a mirror that is slower or less trusted.
+                ready = []
             for s in ready:
                 if self.hosts.allows(s.host):
-                    return s
+                    return s, s is pool[0]
             if ready and all(self.hosts.state(s.host) == "open" for s in pool):
-                return ready[0]  # every breaker is open: backoff alone paces this source
+                return ready[0], ready[0] is pool[0]  # backoff alone paces this source
             wait = min((s.not_before for s in pool), default=now) - now
             with self.plan.cond:
                 self.plan.cond.wait(min(max(wait, 0.05), 1.0))
@@ -705,7 +761,14 @@ class _Download:
                 gen, start, end, probe = job
                 got = start
                 try:
-                    src = self._pick()
+                    src, best = self._pick()
+                    if not best and end - start > self.plan.chunk:
+                        # A stand-in source gets one chunk at a time, so the work returns to
+                        # the best source as soon as its backoff ends.
+                        with self.plan.cond:
+                            if gen == self.plan.generation:
+                                self.plan.put_back(start + self.plan.chunk, end)
+                        end = start + self.plan.chunk
                     got = self._attempt(src, gen, start, end, probe)
                 except _Stop:
                     pass
@@ -743,6 +806,8 @@ class _Download:
             self.hosts.settle(src.host)
             self._restart(src, c)
             got = start
+        except SnapfsError as exc:  # DiskFull from SQLite or the space check: already plain
+            self._fail(exc)
         except OSError as exc:  # writing our own file failed: that is not the network's fault
             self._fail(from_oserror(exc, f"Writing {self.dest_name}", self.part.path))
         return got
@@ -771,6 +836,7 @@ class _Download:
         with self.plan.cond:
             self.plan.generation += 1
             self.plan.verified = 0
+            self.plan.hashed = False
             for s in self.sources:
                 s.validator = None
             src.validator = c.validator
@@ -810,7 +876,8 @@ class _Download:
         except requests.exceptions.RequestException as exc:
             raise _Transient(_why(exc)) from exc
         if resp.history:
-            src.resolved = resp.url
+            with self.plan.cond:
+                src.resolved = resp.url
         return resp
 
     def _fetch(self, src: _Source, gen: int, start: int, end: int, probe: bool) -> int:
@@ -820,11 +887,15 @@ class _Download:
             self._responses.add(resp)
         try:
             status = resp.status_code
-            if status in (401, 403, 410) and src.resolved is not None:
+            if status in (401, 403, 410) and resp.url != src.url:
                 # A signed URL from a redirect expired: get a fresh one from the original URL.
-                src.resolved = None
-                src.refreshes += 1
-                if src.refreshes <= 3:
+                # Decided on the URL this request went to: other connections may have moved on.
+                with plan.cond:
+                    if src.resolved == resp.url:
+                        src.resolved = None
+                        src.refreshes += 1  # once per expired URL, however many saw it
+                    refreshes = src.refreshes
+                if refreshes <= 3:
                     raise _Retry
                 raise _Dead(f"access denied (HTTP {status}) even on a fresh redirect")
             if status in (404, 410):
@@ -894,7 +965,9 @@ class _Download:
             size = plan.size
             partial_wanted = full and size is not None and (start > 0 or end < size)
             if partial_wanted:
-                src.ranges = False
+                if src.ranges is not False:
+                    src.ranges = False
+                    self.part.set_meta(**{"noranges:" + src.url: 1})
                 if any(s.ranges is not False and s.dead is None for s in self.sources):
                     raise _Retry  # another source honours Range: use it
                 if plan.streaming:
@@ -931,15 +1004,22 @@ class _Download:
         chunk = self.plan.chunk
         h = xxhash.xxh3_128()
         piece = pos = start
-        window_t, window_pos = time.monotonic(), pos
+        began = window_t = time.monotonic()
+        window_pos = pos
         min_speed, window = self.config.min_speed, self.config.min_speed_window
+        # read1 returns whatever has arrived, so a slow source is measured as it trickles in
+        # and a reset loses nothing received; read(n) waits for n bytes but costs far less CPU
+        # per byte. Use read1 until the connection proves fast, and again if it slows down.
+        fast = False
+        read1 = getattr(raw, "read1", raw.read)
         try:
             while end is None or pos < end:
                 want = min(READ, piece + chunk - pos)
                 if end is not None:
                     want = min(want, end - pos)
+                t_read = time.monotonic()
                 try:
-                    data = raw.read(want)
+                    data = raw.read(want) if fast else read1(want)
                 except Exception as exc:  # urllib3: ProtocolError, ReadTimeoutError, ...
                     raise _Transient(_why(exc)) from exc
                 if not data:
@@ -963,6 +1043,10 @@ class _Download:
                     self._keep(src, gen, piece, pos, h)
                     piece, h = pos, xxhash.xxh3_128()
                 now = time.monotonic()
+                if fast:
+                    fast = now - t_read < FAST_READ_SECONDS
+                elif pos - start >= FAST_AFTER and (pos - start) / (now - began) > FAST_RATE:
+                    fast = True
                 if now - window_t >= window:
                     speed = (pos - window_pos) / (now - window_t)
                     if speed < min_speed:
@@ -985,20 +1069,26 @@ class _Download:
         return pos
 
     def _stream_all(self, src: _Source, raw: Any, gen: int, start: int, end: int) -> int:
-        """A Range-ignoring answer: read from byte 0, keep only the ranges still missing.
+        """A Range-ignoring answer: read from byte 0, keeping only the ranges still missing.
 
-        This worker takes every range still to do; bytes we already have are read past.
+        This worker takes every range still to do, and any that other workers hand back while
+        it reads, as long as the stream hasn't passed them. Bytes we already have are read past.
         """
         plan = self.plan
         with plan.cond:
-            others = sorted(plan.todo)
+            pending = sorted([(start, end), *plan.todo])
             plan.todo.clear()
         pos = 0
         reached = start
-        pending = sorted([(start, end), *others])
+        current: tuple[int, int] | None = None
         try:
             while pending:
-                a, b = pending[0]
+                current = a, b = pending.pop(0)
+                if a < pos:  # the stream is past it: another pass will fetch it
+                    with plan.cond:
+                        plan.put_back(a, b)
+                    current = None
+                    continue
                 while pos < a:
                     skip = raw.read(min(READ, a - pos))
                     if not skip:
@@ -1008,16 +1098,24 @@ class _Download:
                 pos = self._read_into(src, raw, gen, a, b)
                 if a == start:
                     reached = pos
-                pending.pop(0)
+                current = None
+                with plan.cond:
+                    late = [r for r in plan.todo if r[0] >= pos]
+                    for r in late:
+                        plan.todo.remove(r)
+                pending = sorted(pending + late)
         except (_Transient, _Dead, _Stop, OSError) as exc:
-            got = getattr(exc, "got", pending[0][0] if pending else end)
+            got = getattr(exc, "got", current[0] if current else pos)
             with plan.cond:
-                for i, (a, b) in enumerate(pending):
-                    if a == start:
-                        reached = got if i == 0 else start
-                        continue
-                    if gen == plan.generation:
-                        plan.put_back(got if i == 0 else a, b)
+                if gen == plan.generation:
+                    if current is not None:
+                        if current[0] == start:
+                            reached = got
+                        else:
+                            plan.put_back(got, current[1])
+                    for a, b in pending:
+                        if a != start:
+                            plan.put_back(a, b)
             exc.got = reached  # type: ignore[union-attr]
             raise
         return reached
@@ -1066,6 +1164,7 @@ class _Download:
                         if pos >= plan.size:
                             self.sha256, self.xxh128 = sha.hexdigest(), whole.hexdigest()
                             plan.verified = pos
+                            plan.hashed = True
                             plan.cond.notify_all()
                             return
                         ext = plan.extents[pos]
@@ -1120,11 +1219,14 @@ class _Download:
         by_source: dict[str, list[_Extent]] = {}
         for ext in extents:
             by_source.setdefault(ext.source, []).append(ext)
+        primary = self.sources[0].url
         suspects = sorted(
             by_source,
             key=lambda u: (
-                -self.hosts.health(_host(u)).corrupt,
-                sum(e.length for e in by_source[u]),
+                -self.hosts.health(_host(u)).corrupt,  # caught lying before
+                u != LOCAL,  # bytes found on disk, not fetched
+                u == primary,  # the URL the user named is trusted over mirrors
+                sum(e.length for e in by_source[u]),  # then the cheapest to check
             ),
         )
         for url in suspects:
@@ -1294,9 +1396,17 @@ def download(
         config = _plain_config(env, overrides)
         return _download_plain(urls, Path(dest), expected, config, report)
     owned = not isinstance(project, Project)
-    proj = project if isinstance(project, Project) else open_project(project, env=env, **overrides)
+    if isinstance(project, Project):
+        proj = project
+        if overrides:  # this call's settings, on top of the project's own
+            proj_config = with_overrides(proj.config, overrides)
+        else:
+            proj_config = proj.config
+    else:
+        proj = open_project(project, env=env, **overrides)
+        proj_config = proj.config
     try:
-        return _download_into(proj, urls, dest, expected, report)
+        return _download_into(proj, urls, dest, expected, report, proj_config)
     finally:
         if owned:
             proj.close()
@@ -1378,6 +1488,8 @@ def _incomplete_at_dest(
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return False
+        if st.st_nlink > 1:
+            return False  # other names share this inode (a snapshot's object?): never write it
         if expected["size"] is not None and st.st_size >= expected["size"]:
             return False  # full length but wrong (checked by the caller): not a prefix
         n = min(SAMPLE, st.st_size)
@@ -1477,6 +1589,8 @@ def _run(
         except sqlite3.Error as exc:
             raise from_sqlite(exc, part.db_path) from exc
         report(DownloadProgress("checking", job.resumed, job.plan.size, 0.0, None, "", 0))
+        if job.plan.size is not None:
+            job._allocate(job.plan.size)  # a disk too small fails before any request
         job.run()
         if not job.matches():
             job.repair()
@@ -1556,6 +1670,7 @@ def _download_into(
     dest: str | os.PathLike[str],
     expected: dict[str, Any],
     report: ProgressFn,
+    config: Config,
 ) -> DownloadResult:
     from ._fsops import split_relpath
 
@@ -1610,12 +1725,10 @@ def _download_into(
     try:
         with open_parent(root_fd, relpath) as (dfd, dname):  # O_NOFOLLOW all the way down
             adopt = _incomplete_at_dest(
-                dfd, dname, part_path, urls, expected, proj.config, quarantine, report
+                dfd, dname, part_path, urls, expected, config, quarantine, report
             )
     except (UnsafePath, FileNotFoundError, NotADirectoryError):
         pass  # nothing usable at DEST; placing the file later refuses unsafe paths
     finally:
         os.close(root_fd)
-    return _run(
-        urls, part_path, name, expected, proj.config, report, finish, finished_elsewhere, adopt
-    )
+    return _run(urls, part_path, name, expected, config, report, finish, finished_elsewhere, adopt)

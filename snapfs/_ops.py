@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 
 # Retryable, but not by waiting: the user has to act first (free space), then resume.
-NEEDS_USER = frozenset({"disk.full", "disk.quota"})
+NEEDS_USER = frozenset({"disk.full"})
 
 
 # ---- steps ----------------------------------------------------------------------------------
@@ -472,7 +472,7 @@ class _Runner:
                         OpEvent(
                             op,
                             "retry",
-                            f"{step.name}: {diag.message} Retrying in {delay:.0f} s"
+                            f"{diag.message} Retrying in {delay:.0f} s"
                             f" (attempt {attempt + 1} of {self.retries + 1}).",
                             idx,
                             total,
