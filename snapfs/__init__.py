@@ -7,12 +7,15 @@
 >>> project.rollback()                           # the tree is exactly as it was
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._config import Config
 from ._diff import Changes, ChangeSet
 from ._download import DownloadProgress, DownloadResult, download
 from ._errors import (
     BadContent,
     Category,
+    CommandFailed,
     DiskFull,
     DownloadError,
     DownloadFailed,
@@ -23,6 +26,7 @@ from ._errors import (
     NotAProject,
     ObjectCorrupt,
     ObjectMissing,
+    PlanError,
     ProjectPathError,
     SealBroken,
     SnapfsError,
@@ -46,14 +50,62 @@ from ._project import (
 from ._scan import Progress
 from ._txn import Transaction, checkpoint, checkpointed, transaction
 
+if TYPE_CHECKING:
+    from ._classify import Action, Diagnosis, classify
+    from ._import import import_workflow
+    from ._ops import (
+        OperationFailed,
+        OperationRecord,
+        OpEvent,
+        OpResult,
+        list_operations,
+        resume,
+    )
+
+# The recovery manager loads on first use: a snapshot or a status needs none of it, and
+# every command pays for what `import snapfs` imports.
+_LAZY = {
+    "Action": "_classify",
+    "Diagnosis": "_classify",
+    "classify": "_classify",
+    "import_workflow": "_import",
+    "OpEvent": "_ops",
+    "OperationFailed": "_ops",
+    "OperationRecord": "_ops",
+    "OpResult": "_ops",
+    "list_operations": "_ops",
+    "resume": "_ops",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'snapfs' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"snapfs.{module}"), name)
+    if module == "_ops":  # operation kinds register themselves when _import loads
+        importlib.import_module("snapfs._import")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "Action",
     "BadContent",
     "Category",
+    "CommandFailed",
     "ChangeSet",
     "Changes",
     "Config",
+    "Diagnosis",
     "DiskFull",
     "DownloadError",
     "DownloadFailed",
@@ -68,6 +120,11 @@ __all__ = [
     "NotAProject",
     "ObjectCorrupt",
     "ObjectMissing",
+    "OpEvent",
+    "OpResult",
+    "OperationFailed",
+    "OperationRecord",
+    "PlanError",
     "Problem",
     "Progress",
     "Project",
@@ -86,8 +143,12 @@ __all__ = [
     "__version__",
     "checkpoint",
     "checkpointed",
+    "classify",
     "download",
+    "import_workflow",
     "init",
+    "list_operations",
     "open",
+    "resume",
     "transaction",
 ]

@@ -21,7 +21,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,15 @@ import xxhash
 
 from ._errors import CommandFailed, PlanError, UnsafePath
 from ._fsops import DIR_FLAGS, open_parent, split_relpath
-from ._ops import Step, StepContext, create_operation, register_kind
+from ._ops import (
+    OpEvent,
+    OpResult,
+    Step,
+    StepContext,
+    create_operation,
+    register_kind,
+    run_operation,
+)
 
 if TYPE_CHECKING:
     from ._classify import Diagnosis
@@ -848,3 +856,19 @@ def start_import(project: Project, plan_path: str | os.PathLike[str]) -> int:
     """Validate the plan (nothing changes if it is bad) and record the import operation."""
     plan = load_plan(plan_path, project.root)
     return create_operation(project, "import", plan["name"], plan)
+
+
+def import_workflow(
+    project: Project,
+    plan_path: str | os.PathLike[str],
+    *,
+    report: Callable[[OpEvent], None] | None = None,
+) -> OpResult:
+    """Validate and run an import plan as an operation (see docs/import.md).
+
+    Raises :class:`PlanError` before anything changes if the plan is bad, and
+    :class:`OperationFailed` (with a diagnosis and the state the project is in) if a step
+    can't be completed; ``snapfs.resume`` continues it later.
+    """
+    op = start_import(project, plan_path)
+    return run_operation(project, op, report=report or (lambda _ev: None))

@@ -34,13 +34,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._classify import Diagnosis, classify
 from ._errors import Category, LockBusy, SnapfsError, UsageError
 from ._lock import Lock
 from ._retry import RetryPolicy
 from ._txn import Owner, Transaction
 
 if TYPE_CHECKING:
+    from ._classify import Diagnosis
     from ._project import Project
 
 
@@ -462,6 +462,8 @@ class _Runner:
                 _set_step(p, op, idx, status="pending", ended=time.time())
                 raise
             except Exception as exc:
+                from ._classify import classify
+
                 diag = classify(exc, context=step.name)
                 record_error(p, diag, op=op, step=idx)
                 if diag.retryable and diag.code not in NEEDS_USER and attempt <= self.retries:
@@ -564,3 +566,16 @@ def rollback_operation(project: Project, op: int) -> int:
     project.restore(rec.checkpoint)
     _set_op(project, op, status="rolled-back")
     return rec.checkpoint
+
+
+def resume(
+    project: Project, op: int | None = None, *, report: Callable[[OpEvent], None] = _no_events
+) -> OpResult:
+    """Continue operation ``op`` (default: the newest unfinished one) from its first
+    unfinished step. Steps already done are verified, not redone."""
+    if op is None:
+        rec = resumable(project)
+        if rec is None:
+            raise UsageError("Nothing to resume: every operation finished or was rolled back.")
+        op = rec.id
+    return run_operation(project, op, report=report)
