@@ -478,6 +478,7 @@ class _Download:
         self.repaired = 0
         self.resumed = 0
         self._allocated = False
+        self._alloc_mutex = threading.Lock()
 
     # -- sessions and sockets
     def session(self) -> requests.Session:
@@ -579,11 +580,16 @@ class _Download:
 
     # -- allocation: fail early on a full disk
     def _allocate(self, size: int) -> None:
+        with self._alloc_mutex:  # workers learn the size together; reserve the space once
+            self._allocate_locked(size)
+
+    def _allocate_locked(self, size: int) -> None:
         if self._allocated:
             return
-        have = self.plan.have()
         try:
             st = os.fstatvfs(self.part.fd)
+            # Blocks the partial file already holds are ours: they don't need free space.
+            have = os.fstat(self.part.fd).st_blocks * 512
         except OSError as exc:
             raise from_oserror(exc, "Downloading", self.part.path) from exc
         free = st.f_bavail * st.f_frsize
@@ -689,7 +695,9 @@ class _Download:
                         start = plan.prefix_end()  # an adopted prefix needs no re-fetching
                         return plan.generation, start, start + plan.chunk, True
                 elif plan.todo and not plan.streaming:
-                    if self._ranges_ignored():
+                    if not self._ranges_seen() and plan.inflight > 0:
+                        pass  # until one source has honoured Range, one request at a time
+                    elif self._ranges_ignored():
                         # Every source answers with the whole file: one connection reads it
                         # front to back; more would each pay for the bytes before their range.
                         if plan.inflight == 0:
@@ -701,6 +709,9 @@ class _Download:
                         plan.inflight += 1
                         return plan.generation, start, end, False
                 plan.cond.wait(1.0)
+
+    def _ranges_seen(self) -> bool:
+        return any(s.ranges for s in self.sources if s.dead is None)
 
     def _ranges_ignored(self) -> bool:
         alive = [s for s in self.sources if s.dead is None]
