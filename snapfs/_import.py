@@ -759,6 +759,10 @@ class DownloadStep(Step):
             mirrors=s["sources"][1:], sha256=s["sha256"], size=s["size"], progress=progress
         )
         if not s["shared"]:
+            moved = self._find_elsewhere(p)
+            if moved is not None:
+                ctx.say(f"Found the file at {moved}; moved it to {s['dest']} (no download).")
+                return
             download(s["sources"][0], s["dest"], project=p, **kwargs)
             return
         assert self.shared_models is not None
@@ -767,6 +771,61 @@ class DownloadStep(Step):
         target = shared_root / Path(s["dest"]).name
         download(s["sources"][0], target, **kwargs)
         self._link(p, target, s["dest"])
+
+    def _find_elsewhere(self, p: Project) -> str | None:
+        """The model already in the project under another path (put in the wrong folder)?
+
+        Looks for regular files with the same name (and size, when given), outside .snapfs
+        and venvs, hashes at most a few, and moves one whose SHA-256 matches into place.
+        """
+        s = self.spec
+        if not s["sha256"]:
+            return None
+        name = Path(s["dest"]).name
+        dest_b = os.fsencode(s["dest"])
+        candidates: list[bytes] = []
+        root_b = os.fsencode(p.root)
+        for dirpath, dirnames, filenames in os.walk(root_b):
+            rel_dir = os.path.relpath(dirpath, root_b)
+            dirnames[:] = [
+                d
+                for d in dirnames
+                if d != b".snapfs" and not os.path.exists(os.path.join(dirpath, d, b"pyvenv.cfg"))
+            ]
+            for f in filenames:
+                if os.fsdecode(f) != name:
+                    continue
+                rel = os.path.normpath(os.path.join(rel_dir, f))
+                if rel == dest_b:
+                    continue
+                full = os.path.join(dirpath, f)
+                try:
+                    st = os.lstat(full)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and (s["size"] is None or st.st_size == s["size"]):
+                    candidates.append(rel)
+            if len(candidates) >= 3:
+                break
+        from ._download import _hash_file
+
+        for rel in candidates[:3]:
+            if _hash_file(p.root / os.fsdecode(rel))[0] != s["sha256"]:
+                continue
+            self._move(p, rel, dest_b)
+            return os.fsdecode(rel)
+        return None
+
+    @staticmethod
+    def _move(p: Project, src: bytes, dest: bytes) -> None:
+        """Rename within the project through O_NOFOLLOW directory fds at both ends."""
+        root_fd = os.open(p.root, DIR_FLAGS)
+        try:
+            with open_parent(root_fd, src) as (sfd, sname):
+                with open_parent(root_fd, dest, create=True) as (dfd, dname):
+                    os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+        finally:
+            os.close(root_fd)
 
     @staticmethod
     def _link(p: Project, target: Path, dest: str) -> None:

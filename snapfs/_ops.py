@@ -95,6 +95,10 @@ class Step:
         """Is the step's work already there? Then it is not run (again)."""
         return False
 
+    def compensate(self, ctx: StepContext) -> None:
+        """Undo effects outside the project after the step was rolled back (the project's
+        own files are restored by the rollback). Default: nothing to undo."""
+
     def fix(self, ctx: StepContext, diagnosis: Diagnosis) -> str | None:
         """Apply a known fix for a validation failure; return what was done, or None."""
         return None
@@ -458,7 +462,7 @@ class _Runner:
             try:
                 step.run(ctx)
             except KeyboardInterrupt:
-                self._undo(tx, "interrupted")
+                self._undo(tx, "interrupted", step, ctx)
                 _set_step(p, op, idx, status="pending", ended=time.time())
                 raise
             except Exception as exc:
@@ -467,7 +471,7 @@ class _Runner:
                 diag = classify(exc, context=step.name)
                 record_error(p, diag, op=op, step=idx)
                 if diag.retryable and diag.code not in NEEDS_USER and attempt <= self.retries:
-                    self._undo(tx, diag.code)
+                    self._undo(tx, diag.code, step, ctx)
                     delay = self.backoff.wait_for(attempt, diag.retry_after)
                     self.retried += 1
                     self.report(
@@ -484,7 +488,7 @@ class _Runner:
                     continue
                 if diag.category == Category.VALIDATION and diag.code not in fixes:
                     fixes.add(diag.code)
-                    self._undo(tx, diag.code)
+                    self._undo(tx, diag.code, step, ctx)
                     try:
                         done = step.fix(ctx, diag)
                     except Exception:
@@ -507,9 +511,17 @@ class _Runner:
                 )
                 return
 
-    def _undo(self, tx: Transaction | None, why: str) -> None:
+    def _undo(
+        self,
+        tx: Transaction | None,
+        why: str,
+        step: Step | None = None,
+        ctx: StepContext | None = None,
+    ) -> None:
         if tx is not None and tx.status == "open":
             tx.rollback(error=why)
+        if step is not None and ctx is not None:
+            step.compensate(ctx)
 
     def _give_up(
         self,
@@ -530,6 +542,7 @@ class _Runner:
                     rolled_back = False
                 else:
                     tx.rollback(error=diag.code)
+                    step.compensate(ctx)
             except Exception as undo:  # recovery must not crash: say what failed and stop
                 undo_error = f"{type(undo).__name__}: {undo}"
                 rolled_back = False
