@@ -454,6 +454,7 @@ class _Download:
         self.sources = sources
         self.part = part
         self.dest_name = dest_name
+        self.dest_label = dest_name  # the project-relative DEST, or the absolute path
         self.config = config
         self.hosts = hosts
         self.progress = progress
@@ -539,7 +540,8 @@ class _Download:
                 self.part.forget(e)
             extents = [e for e in extents if e not in unsure]
         size = int(meta["size"]) if "size" in meta else self.expected.get("size")
-        self.part.set_meta(**want)
+        # What this partial is, for whoever lists downloads in progress (snapfs ui, doctor).
+        self.part.set_meta(**want, dest=self.dest_label, url=self.sources[0].url)
         with self.plan.cond:
             if size is not None:
                 self.plan.set_size(size, extents)
@@ -1577,6 +1579,7 @@ def _run(
     finish: Callable[[_Download], Path],
     finished_elsewhere: Callable[[int], DownloadResult | None],
     adopt: bool = False,
+    dest_label: str = "",
 ) -> DownloadResult:
     def on_wait(msg: str) -> None:
         report(DownloadProgress("waiting", 0, expected["size"], 0.0, None, "", 0, msg))
@@ -1593,6 +1596,7 @@ def _run(
         job = _Download(
             [_Source(u) for u in urls], part, dest_name, config, hosts, report, expected
         )
+        job.dest_label = dest_label or dest_name
         try:
             job.load()
             if adopt:
@@ -1671,7 +1675,16 @@ def _download_plain(
     finally:
         os.close(dfd)
     return _run(
-        urls, part_path, dest.name, expected, config, report, finish, finished_elsewhere, adopt
+        urls,
+        part_path,
+        dest.name,
+        expected,
+        config,
+        report,
+        finish,
+        finished_elsewhere,
+        adopt,
+        str(dest),
     )
 
 
@@ -1742,4 +1755,15 @@ def _download_into(
         pass  # nothing usable at DEST; placing the file later refuses unsafe paths
     finally:
         os.close(root_fd)
-    return _run(urls, part_path, name, expected, config, report, finish, finished_elsewhere, adopt)
+    return _run(
+        urls,
+        part_path,
+        name,
+        expected,
+        config,
+        report,
+        finish,
+        finished_elsewhere,
+        adopt,
+        os.fsdecode(relpath),
+    )
