@@ -222,6 +222,7 @@ class _Source:
         self.dead_error: type[DownloadError] = SourceUnavailable
         self.not_before = 0.0
         self.failures = 0
+        self.streak = 0  # failures in a row, this run
         self.refreshes = 0  # signed-URL refreshes since the last progress
         self.received = 0
 
@@ -580,6 +581,18 @@ class _Download:
         self.resumed = self.plan.have()
         return self.resumed
 
+    def release_space(self) -> None:
+        """The disk is full: give back the space reserved for bytes not fetched yet, so the
+        caller can still record what happened (and roll back). Verified bytes stay."""
+        with self.plan.cond:
+            top = max((e.end for e in self.plan.extents.values()), default=0)
+        try:
+            if os.fstat(self.part.fd).st_size > top:
+                os.ftruncate(self.part.fd, top)
+        except OSError:
+            pass  # best effort; the error being raised says what matters
+        self._allocated = False
+
     # -- allocation: fail early on a full disk
     def _allocate(self, size: int) -> None:
         with self._alloc_mutex:  # workers learn the size together; reserve the space once
@@ -746,7 +759,12 @@ class _Download:
             )
             ready = [s for s in pool if s.not_before <= now]
             best = pool[0]
-            if ready and ready[0] is not best and best.not_before - now <= STANDIN_GRACE:
+            if (
+                ready
+                and ready[0] is not best
+                and best.streak < 2  # failing again and again (stalls): let the mirror help
+                and best.not_before - now <= STANDIN_GRACE
+            ):
                 # The best source is back in a moment: a short wait beats moving the work to
                 # a mirror that is slower or less trusted.
                 ready = []
@@ -828,6 +846,7 @@ class _Download:
     def _transient(self, src: _Source, why: str, retry_after: float | None) -> None:
         self.last_error = f"{src.host}: {why}"
         src.failures += 1
+        src.streak += 1
         self.hosts.failure(src.host)
         with self.plan.cond:
             n = self.budget.fail()
@@ -1149,6 +1168,7 @@ class _Download:
             self.plan.extents[start] = ext
             self.budget.progress()
             src.refreshes = 0
+            src.streak = 0
             self.part.record(ext)
             self.plan.cond.notify_all()
 
@@ -1606,7 +1626,11 @@ def _run(
         report(DownloadProgress("checking", job.resumed, job.plan.size, 0.0, None, "", 0))
         if job.plan.size is not None:
             job._allocate(job.plan.size)  # a disk too small fails before any request
-        job.run()
+        try:
+            job.run()
+        except DiskFull:
+            job.release_space()
+            raise
         if not job.matches():
             job.repair()
         size = job.plan.size or 0

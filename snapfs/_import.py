@@ -250,15 +250,16 @@ def _validate_step(obj: Any, where: str, root: Path, plan: dict[str, Any]) -> di
                 raise PlanError(f"{p!r} is not a package name", where=f"{where}.protect[{i}]")
         step["protect"] = protect
     elif kind == "download":
-        sources = c.strings("sources")
         url = c.text("url")
-        if url:
-            sources = [url, *sources]
-        if not sources:
-            raise PlanError('needs "url" or "sources"', where=where)
-        for i, u in enumerate(sources):
+        if url is not None and not _HTTP_URL.match(url):
+            raise PlanError(f"{url!r} is not an http(s) URL", where=f"{where}.url")
+        listed = c.strings("sources")
+        for i, u in enumerate(listed):
             if not _HTTP_URL.match(u):
                 raise PlanError(f"{u!r} is not an http(s) URL", where=f"{where}.sources[{i}]")
+        sources = [url, *listed] if url else listed
+        if not sources:
+            raise PlanError('needs "url" or "sources"', where=where)
         step["sources"] = list(dict.fromkeys(sources))
         sha = c.text("sha256")
         if sha is not None and (len(sha) != 64 or not _HEX.match(sha)):
@@ -562,14 +563,36 @@ class GitStep(Step):
     def _checkout(git: list[str], repo: Path, s: dict[str, Any]) -> None:
         try:
             run_tool(
-                "git", [*git, "-C", str(repo), "checkout", "--quiet", "--detach", s["commit"], "--"]
+                "git",
+                # --force: a redo puts edited or deleted tracked files back
+                [
+                    *git,
+                    "-C",
+                    str(repo),
+                    "checkout",
+                    "--quiet",
+                    "--force",
+                    "--detach",
+                    s["commit"],
+                    "--",
+                ],
             )
         except CommandFailed:
             # Not in the clone (a commit only reachable by its id): ask the remote for it.
             run_tool("git", [*git, "-C", str(repo), "fetch", "--quiet", "origin", s["commit"]])
             run_tool(
                 "git",
-                [*git, "-C", str(repo), "checkout", "--quiet", "--detach", "FETCH_HEAD", "--"],
+                [
+                    *git,
+                    "-C",
+                    str(repo),
+                    "checkout",
+                    "--quiet",
+                    "--force",
+                    "--detach",
+                    "FETCH_HEAD",
+                    "--",
+                ],
             )
 
     @staticmethod

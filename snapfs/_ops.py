@@ -29,6 +29,7 @@ open transaction is rolled back by ``snapfs recover``.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -171,6 +172,10 @@ def create_operation(project: Project, kind: str, label: str, plan: dict[str, An
 
 
 def _build(kind: str, plan: dict[str, Any]) -> Sequence[Step]:
+    if kind not in _BUILDERS:
+        import importlib
+
+        importlib.import_module("snapfs._import")  # registers "import" (a new process resuming)
     build = _BUILDERS.get(kind)
     if build is None:
         raise UsageError(f"Unknown operation kind {kind!r}.")
@@ -251,7 +256,15 @@ def _set_step(project: Project, op: int, idx: int, **cols: Any) -> None:
 def record_error(
     project: Project, diagnosis: Diagnosis, *, op: int | None = None, step: int | None = None
 ) -> None:
-    """Add a failure to the project's error history (``snapfs errors``)."""
+    """Add a failure to the project's error history (``snapfs errors``). Best effort: with the
+    disk full, the history is what gives way, not the recovery."""
+    try:
+        _record_error(project, diagnosis, op, step)
+    except (sqlite3.Error, SnapfsError, OSError):
+        pass
+
+
+def _record_error(project: Project, diagnosis: Diagnosis, op: int | None, step: int | None) -> None:
     with project.state.db:
         project.state.db.execute(
             "INSERT INTO errors (at, op, step, category, code, retryable, message, detail)"
@@ -379,8 +392,9 @@ class _Runner:
         self.retries = retries
         self.policy = policy
         self.sleep = sleep
+        c = project.config
         self.backoff = RetryPolicy(
-            base=1.0, cap=30.0, retry_after_max=project.config.retry_after_max
+            base=c.retry_base, cap=c.retry_cap, retry_after_max=c.retry_after_max
         )
         self.retried = 0
 
@@ -471,7 +485,7 @@ class _Runner:
                 diag = classify(exc, context=step.name)
                 record_error(p, diag, op=op, step=idx)
                 if diag.retryable and diag.code not in NEEDS_USER and attempt <= self.retries:
-                    self._undo(tx, diag.code, step, ctx)
+                    self._try_undo(tx, diag.code, step, ctx, diag, exc, total)
                     delay = self.backoff.wait_for(attempt, diag.retry_after)
                     self.retried += 1
                     self.report(
@@ -488,7 +502,7 @@ class _Runner:
                     continue
                 if diag.category == Category.VALIDATION and diag.code not in fixes:
                     fixes.add(diag.code)
-                    self._undo(tx, diag.code, step, ctx)
+                    self._try_undo(tx, diag.code, step, ctx, diag, exc, total)
                     try:
                         done = step.fix(ctx, diag)
                     except Exception:
@@ -511,6 +525,22 @@ class _Runner:
                 )
                 return
 
+    def _try_undo(
+        self,
+        tx: Transaction,
+        why: str,
+        step: Step,
+        ctx: StepContext,
+        diag: Diagnosis,
+        exc: BaseException,
+        total: int,
+    ) -> None:
+        """Roll the step back before a retry or a fix; if that fails, stop with both errors."""
+        try:
+            self._undo(tx, why, step, ctx)
+        except Exception as undo:
+            self._give_up(step, ctx, tx, diag, exc, total, undo_failed=undo)
+
     def _undo(
         self,
         tx: Transaction | None,
@@ -531,11 +561,12 @@ class _Runner:
         diag: Diagnosis,
         exc: BaseException,
         total: int,
+        undo_failed: BaseException | None = None,
     ) -> None:
         p, op, idx = self.project, self.op, ctx.index
-        rolled_back = True
-        undo_error = ""
-        if tx is not None and tx.status == "open":
+        rolled_back = undo_failed is None
+        undo_error = f"{type(undo_failed).__name__}: {undo_failed}" if undo_failed else ""
+        if undo_failed is None and tx is not None and tx.status == "open":
             try:
                 if self.policy == "keep":
                     tx.commit()
@@ -547,8 +578,13 @@ class _Runner:
                 undo_error = f"{type(undo).__name__}: {undo}"
                 rolled_back = False
         status = "rolled-back" if rolled_back else "failed"
-        _set_step(p, op, idx, status=status, ended=time.time(), error=json.dumps(_diag_dict(diag)))
-        _set_op(p, op, status="failed", error=json.dumps(_diag_dict(diag)))
+        try:
+            _set_step(
+                p, op, idx, status=status, ended=time.time(), error=json.dumps(_diag_dict(diag))
+            )
+            _set_op(p, op, status="failed", error=json.dumps(_diag_dict(diag)))
+        except (sqlite3.Error, SnapfsError):
+            pass  # a full disk: the row stays "running" with a dead owner, resumable all the same
         self.report(OpEvent(op, "failed", diag.message, idx, total, data=_diag_dict(diag)))
         if undo_error:
             state = (
