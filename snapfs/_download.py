@@ -1584,6 +1584,16 @@ def _sample(url: str, start: int, end: int, config: Config) -> bytes | None:
         return None
 
 
+def _finished_at(path: Path, ino: int) -> DownloadResult | None:
+    """Another process finished this download: its partial (inode ``ino``) is at ``path``."""
+    try:
+        if os.lstat(path).st_ino != ino:
+            return None
+    except OSError:
+        return None
+    return _reused(path, _hash_file(path))
+
+
 def _reused(path: Path, digests: tuple[str, str, int]) -> DownloadResult:
     sha, xxh, n = digests
     return DownloadResult(path, n, sha, xxh, 0, 0, True, 0, 0, {})
@@ -1683,12 +1693,7 @@ def _download_plain(
         return dest
 
     def finished_elsewhere(ino: int) -> DownloadResult | None:
-        try:
-            if os.lstat(dest).st_ino != ino:
-                return None
-        except FileNotFoundError:
-            return None
-        return _reused(dest, _hash_file(dest))
+        return _finished_at(dest, ino)
 
     quarantine = dest.with_name(f"{dest.name}.snapfs-quarantine-{int(time.time())}")
     dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -1760,12 +1765,7 @@ def _download_into(
         return proj.place(relpath, bytes.fromhex(job.xxh128), src=part_path, digests=digests)
 
     def finished_elsewhere(ino: int) -> DownloadResult | None:
-        try:
-            if os.lstat(target).st_ino != ino:
-                return None
-        except OSError:
-            return None
-        return _reused(target, _hash_file(target))
+        return _finished_at(target, ino)
 
     quarantine = proj.state_dir / "quarantine" / f"{key}-{int(time.time())}-{name}"
     adopt = False

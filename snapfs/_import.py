@@ -561,39 +561,19 @@ class GitStep(Step):
 
     @staticmethod
     def _checkout(git: list[str], repo: Path, s: dict[str, Any]) -> None:
-        try:
+        def detach(ref: str) -> None:
+            # --force: a redo puts edited or deleted tracked files back
             run_tool(
                 "git",
-                # --force: a redo puts edited or deleted tracked files back
-                [
-                    *git,
-                    "-C",
-                    str(repo),
-                    "checkout",
-                    "--quiet",
-                    "--force",
-                    "--detach",
-                    s["commit"],
-                    "--",
-                ],
+                [*git, "-C", str(repo), "checkout", "--quiet", "--force", "--detach", ref, "--"],
             )
+
+        try:
+            detach(s["commit"])
         except CommandFailed:
             # Not in the clone (a commit only reachable by its id): ask the remote for it.
             run_tool("git", [*git, "-C", str(repo), "fetch", "--quiet", "origin", s["commit"]])
-            run_tool(
-                "git",
-                [
-                    *git,
-                    "-C",
-                    str(repo),
-                    "checkout",
-                    "--quiet",
-                    "--force",
-                    "--detach",
-                    "FETCH_HEAD",
-                    "--",
-                ],
-            )
+            detach("FETCH_HEAD")
 
     @staticmethod
     def _move_into_place(p: Project, stage: Path, dest: str) -> None:
