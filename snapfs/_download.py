@@ -45,6 +45,7 @@ from urllib.parse import unquote, urlsplit
 import xxhash
 
 from ._config import Config, with_overrides
+from ._crash import crash_point
 from ._errors import (
     BadContent,
     DiskFull,
@@ -1170,6 +1171,7 @@ class _Download:
             src.refreshes = 0
             src.streak = 0
             self.part.record(ext)
+            crash_point("download.extent_recorded")
             self.plan.cond.notify_all()
 
     # -- the hasher: re-read the verified prefix, check extents, digest the whole file
@@ -1649,7 +1651,9 @@ def _run(
             os.fdatasync(part.fd)  # the bytes must be on disk before the name points at them
         except OSError as exc:
             raise from_oserror(exc, "Saving the download", part_path) from exc
+        crash_point("download.verified")
         path = finish(job)
+        crash_point("download.placed")
         part.drop_record()
         job._emit("done", size, size)
         return DownloadResult(

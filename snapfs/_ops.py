@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._crash import crash_point
 from ._errors import Category, LockBusy, SnapfsError, UsageError
 from ._lock import Lock
 from ._retry import RetryPolicy
@@ -416,6 +417,7 @@ class _Runner:
         if checkpoint is None:
             info = p.snapshot(f"before {rec.label or rec.kind}", kind="pre-import")
             checkpoint = info.id
+            crash_point("op.checkpoint_taken")
             _set_op(p, op, checkpoint=checkpoint)
             self.report(
                 OpEvent(op, "checkpoint", f"Restore point: snapshot {info.id}.", total=len(steps))
@@ -471,6 +473,7 @@ class _Runner:
             self.report(OpEvent(op, "step", f"Step {idx + 1}/{total}: {step.name}", idx, total))
             tx = Transaction(p, f"{label}: {step.name}")
             tx.begin()
+            crash_point("op.step_began")
             if attempt == 1 and tx.checkpoint is not None:
                 _set_step(p, op, idx, checkpoint=tx.checkpoint.id)
             try:
@@ -513,7 +516,9 @@ class _Runner:
                     tx = None  # type: ignore[assignment]
                 self._give_up(step, ctx, tx, diag, exc, total)
             else:
+                crash_point("op.step_ran")
                 tx.commit()
+                crash_point("op.step_committed")
                 _set_step(
                     p,
                     op,

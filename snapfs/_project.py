@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ._txn import Transaction
 
 from ._config import Config, load_config
+from ._crash import crash_point
 from ._diff import Changes, ChangeSet, TreeLoader, change_set, changes, walk_diff, walk_tree
 from ._errors import (
     NotAProject,
@@ -848,6 +849,7 @@ class Project:
             pass
         if src is not None:
             os.rename(src, name, dst_dir_fd=dfd)
+            crash_point("place.renamed")
         else:
             tmp = b".snapfs-place-" + os.urandom(6).hex().encode()
             umask = os.umask(0o022)
@@ -866,6 +868,7 @@ class Project:
                     try:
                         batch.ingest(fd, st, (dfd, name), known=oid)
                         batch.commit()
+                        crash_point("place.stored")
                     except BaseException:
                         batch.abort()
                         raise

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from ._crash import crash_point
 from ._diff import ChangeSet
 from ._errors import UsageError
 from ._project import Project, SnapshotInfo
@@ -185,6 +186,7 @@ class Transaction:
             owner=Owner.current().dumps(),
             preserve=json.dumps(list(self.preserve)),
         )
+        crash_point("txn.begun")
         self.status = "open"
         stack.append(self)
 
@@ -292,6 +294,7 @@ class Transaction:
             )
         finally:
             self._pop("rolled-back")
+        crash_point("txn.rolled_back")
         self._final = undone
         self.status = "rolled-back"
         self.project.state.end_txn(
@@ -311,6 +314,7 @@ class Transaction:
                 self.post = self.project.snapshot(f"after {what}", kind="post")
         finally:
             self._pop("committed")
+        crash_point("txn.before_commit_record")
         self._final = done
         self.status = "committed"
         self.project.state.end_txn(
