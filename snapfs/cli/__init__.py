@@ -665,4 +665,8 @@ def snapfs_error_from(exc: OSError) -> SnapfsError:
     return from_oserror(exc, "The command")
 
 
+from .ui import ui as _ui  # noqa: E402 - registered last: it needs the group defined above
+
+cli.add_command(_ui)
+
 __all__ = ["cli", "main"]
