@@ -306,14 +306,16 @@ class Project:
         self, progress: ProgressFn, hint: Hint | None = None, *, lazy_added: bool = False
     ) -> ScanResult:
         # Nothing read-only scans build is stored, so files in new directories need not be read.
+        ignore = Ignore.load(self.root)
         return scan(
             self.root,
-            ignore=Ignore.load(self.root),
+            ignore=ignore,
             cache=self.state.load_cache(),
             batch=None,
             workers=self.config.workers,
             progress=progress,
             hint=hint,
+            dirs=self.state.load_dir_cache(ignore.fingerprint),
         )
 
     def _inline_max(self) -> int:
@@ -393,21 +395,26 @@ class Project:
         try:
             batch = self.store.batch()
             try:
+                ignore = Ignore.load(self.root)
                 res = scan(
                     self.root,
-                    ignore=Ignore.load(self.root),
+                    ignore=ignore,
                     cache=self.state.load_cache(),
                     batch=batch,
                     workers=self.config.workers,
                     inline_max=self._inline_max(),
                     progress=progress,
                     hint=hint,
+                    dirs=self.state.load_dir_cache(ignore.fingerprint),
                 )
+                # Recorded with the stat cache, once the trees they name are stored.
+                dirs = (ignore.fingerprint, res.dirs) if res.dirs is not None else None
                 if base is not None:  # a journal-guided scan read only part of the tree
                     res.files, res.nbytes = _totals(self._overlay(res.trees), base, res.root)
                 if skip_if_root is not None and res.root == skip_if_root:
                     batch.abort()
-                    self.state.update_cache(res.cache_updates, res.cache_deletes)
+                    # Every tree of this scan is one of HEAD's, so already stored.
+                    self.state.update_cache(res.cache_updates, res.cache_deletes, dirs)
                     if mark is not None and self.state.head is not None:
                         remember_mark(self, mark, self.state.head)
                     return None, res.root
@@ -428,6 +435,7 @@ class Project:
                 seconds=time.monotonic() - t0,
                 cache_updates=res.cache_updates,
                 cache_deletes=res.cache_deletes,
+                dirs=dirs,
                 set_head=set_head,
             )
             if mark is not None:
@@ -914,7 +922,15 @@ class Project:
     def _sweep(self, kept: list[SnapshotRow], doomed: list[int], dry_run: bool) -> GcReport:
         live_trees: set[Oid] = set()
         live_objects = self.state.cache_oids()
-        _mark(self._load(), [r.root for r in kept], live_trees, live_objects)
+        load = self._load()
+        _mark(load, [r.root for r in kept], live_trees, live_objects)
+        # The directory records' trees too: the next scan may reuse them unread.
+        reusable = self.state.dir_cache_trees() - live_trees
+        if any(load(t) is None for t in reusable):  # can't be trusted: let scans rebuild them
+            if not dry_run:
+                self.state.update_cache([], [], dirs=(b"", {}))
+        else:
+            _mark(load, list(reusable), live_trees, live_objects)
         for root, db in self.store.projects():
             if root == self.root:
                 continue

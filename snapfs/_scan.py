@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from ._errors import ProjectPathError, SnapfsError, from_oserror
 from ._fsops import DIR_FLAGS, READ_FLAGS, stat_changed
 from ._hashing import Oid, hash_bytes, hash_fd, read_all
 from ._ignore import STATE_DIR
-from ._index import CacheEntry
+from ._index import CacheEntry, Index
 from ._objects import IngestBatch, Ingested
 from ._threads import executor
 from ._tree import Entry, Kind, decode, encode, tree_oid
@@ -33,6 +34,8 @@ from ._tree import Entry, Kind, decode, encode, tree_oid
 # haven't seen (the "racy clean" problem): such cache entries are re-hashed next time.
 _IFMT = 0o170000
 _IFDIR = stat.S_IFDIR
+_IFREG = stat.S_IFREG
+_IFLNK = stat.S_IFLNK
 RACY_NS = 20_000_000
 RACY_COARSE_NS = 2_000_000_000  # filesystems with whole-second timestamps
 MAX_OPEN = 128  # files opened by the walker and not yet hashed
@@ -100,6 +103,7 @@ class ScanResult:
     cache_updates: list[tuple[bytes, CacheEntry]] = field(default_factory=list)
     cache_deletes: list[bytes] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    dirs: Index | None = None  # directory records for every directory built (see scan)
 
 
 class _Pending:
@@ -139,11 +143,28 @@ class _Pending:
 class _Frame:
     __slots__ = ("fd", "relpath", "subdirs", "i")
 
-    def __init__(self, fd: int, relpath: bytes, subdirs: list[tuple[bytes, int]]) -> None:
+    def __init__(
+        self, fd: int, relpath: bytes, subdirs: list[tuple[bytes, os.stat_result]]
+    ) -> None:
         self.fd = fd
         self.relpath = relpath
         self.subdirs = subdirs
         self.i = 0
+
+
+class _Dir:
+    """What listing one directory found, kept until its tree is built (children first)."""
+
+    __slots__ = ("entries", "hits", "pending", "subdirs", "st", "cached", "clean")
+
+    def __init__(self, st: os.stat_result | None, cached: Oid | None) -> None:
+        self.entries: list[Entry] = []  # complete entries: symlinks, files hashed inline
+        self.hits: list[tuple[bytes, CacheEntry]] = []  # files the stat cache vouches for
+        self.pending: list[_Pending] = []  # files being hashed by the pool
+        self.subdirs: list[tuple[bytes, int]] = []  # (name, mode); their trees come later
+        self.st = st  # the directory's own stat, taken before it was listed
+        self.cached = cached  # its tree oid, if its directory record matches that stat
+        self.clean = True  # every entry is as the stat cache has it (files) or unread (dirs)
 
 
 def _join(parent: bytes, name: bytes) -> bytes:
@@ -179,6 +200,7 @@ def scan(
     hint: Hint | None = None,
     lazy_new: bool = False,
     lazy_added: bool = False,
+    dirs: Index | None = None,
 ) -> ScanResult:
     """Build the tree objects for ``root``. With ``batch`` new content is stored, else only hashed.
 
@@ -188,6 +210,13 @@ def scan(
     ``lazy_new`` (never when storing), files inside the hint's new directories are not read at
     all: they get a placeholder oid. Comparing with the base only needs their names there.
     ``lazy_added`` goes further for a rollback to the base: no file absent from the base is read.
+
+    ``dirs`` (directory records, see ``_index``) lets a full walk (no ``hint``) skip building
+    the tree of a directory whose own stat matches its record, whose files all match the stat
+    cache and whose subdirectories all qualify in turn: the directory's names are then the same
+    (any create, delete or rename in it moves its ctime), and so are its entries. Every file is
+    still lstat-ed: writing a file in place does not touch its directory. A full walk with
+    ``dirs`` returns fresh records in ``result.dirs``.
     """
     descend = hint.descend_set() if hint is not None else set()
     if hint is not None and not hint.everything and b"" not in descend:
@@ -200,19 +229,23 @@ def scan(
         raise from_oserror(exc, "Reading the project", root) from exc
     start_ns = time.time_ns()
     check_ignore = bool(ignore)  # an Ignore with no rules is falsy: skip a call per file
-    # dir relpath -> its entries (complete Entry, a _Pending file, or a subdir placeholder)
-    listing: dict[bytes, list[Entry | _Pending | tuple[bytes, int]]] = {}
+    listing: dict[bytes, _Dir] = {}
     postorder: list[bytes] = []
     pool: ThreadPoolExecutor | None = None
     gate = threading.BoundedSemaphore(MAX_OPEN)
     result = ScanResult(root=b"", trees={})
     seen: set[bytes] = set()
-    fsencode = os.fsencode
     seen_add = seen.add
+    fs_encoding, fs_errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+    state_dir = os.fsdecode(STATE_DIR)
     FILE = Kind.FILE
-    counter = 0
+    counter = 0  # regular files listed
+    nbytes = 0
+    known = 0  # listed files that have a cache entry
     listed: set[bytes] = set()
     base_of: dict[bytes, Oid] = {b"": hint.base} if hint is not None else {}
+    use_dirs = dirs is not None and hint is None
+    get_dir = (dirs or {}).get
 
     def base_entries(rel: bytes) -> dict[bytes, Entry]:
         oid = base_of.get(rel)
@@ -233,10 +266,35 @@ def scan(
                 os.close(link_src[0])
             gate.release()
 
-    def list_dir(fd: int, rel: bytes) -> list[tuple[bytes, int]]:
-        nonlocal pool, counter
-        items: list[Entry | _Pending | tuple[bytes, int]] = []
-        subdirs: list[tuple[bytes, int]] = []
+    def list_dir(
+        fd: int, rel: bytes, listed_as: os.stat_result | None
+    ) -> list[tuple[bytes, os.stat_result]]:
+        """List one directory into ``listing[rel]``; returns the subdirectories to descend
+        with their lstat. ``listed_as`` is the lstat its parent's listing saw (None: root)."""
+        nonlocal pool, counter, nbytes, known
+        cached = dst = None
+        if use_dirs:
+            dst = os.fstat(fd)
+            # The parent's tree records this directory's mode as its listing saw it; only a
+            # record taken from that same stat can stand for it (a chmod in between differs).
+            if listed_as is not None and not _same_dir_stat(listed_as, dst):
+                dst = None  # neither trusted nor recorded
+            e = get_dir(rel) if dst is not None else None
+            if (
+                e is not None
+                and dst is not None
+                and e[1] == dst.st_ino
+                and e[4] == dst.st_ctime_ns
+                and e[3] == dst.st_mtime_ns
+                and e[2] == dst.st_size
+                and e[0] == dst.st_dev
+                and not e[7]
+            ):
+                cached = e[6]
+        d = _Dir(dst, cached)
+        clean = True
+        entries, hits, subdirs = d.entries, d.hits, d.subdirs
+        descend_into: list[tuple[bytes, os.stat_result]] = []
         try:
             it = os.scandir(fd)
         except OSError as exc:
@@ -246,18 +304,22 @@ def scan(
         listed.add(rel)
         base = base_entries(rel) if hint is not None else {}
         unread = lazy_new and hint is not None and hint.is_new(rel)
+        # The hottest loop of a no-change snapshot: one iteration per entry of the project.
+        # Locals, inline type tests and tuple indexing keep it close to a bare scandir + lstat.
         with it:
             for de in it:
-                name = fsencode(de.name)
-                if name == STATE_DIR:
+                sname = de.name
+                if sname == state_dir:
                     continue  # snapfs state (this project's or a nested one's) is never snapshotted
+                name = sname.encode(fs_encoding, fs_errors)
                 relpath = prefix + name
                 try:
                     st = de.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # vanished between listing and stat: not part of this snapshot
                 m = st.st_mode
-                if m & _IFMT == _IFDIR:
+                fmt = m & _IFMT
+                if fmt == _IFDIR:
                     if check_ignore and ignore(relpath + b"/"):
                         continue
                     if hint is not None:
@@ -269,56 +331,59 @@ def scan(
                                 and not hint.is_new(relpath)
                             ):
                                 # Untouched since the base: reuse its subtree unread.
-                                items.append(Entry(name, Kind.DIR, stat.S_IMODE(m), 0, old.oid))
+                                clean = False
+                                entries.append(Entry(name, Kind.DIR, m & 0o7777, 0, old.oid))
                                 continue
                             base_of[relpath] = old.oid
-                    subdirs.append((name, stat.S_IMODE(m)))
-                    items.append((name, stat.S_IMODE(m)))
+                    subdirs.append((name, m & 0o7777))
+                    descend_into.append((name, st))
                     continue
                 if check_ignore and ignore(relpath):
                     continue
-                if stat.S_ISLNK(m):
+                if fmt == _IFLNK:
                     try:
                         target = os.readlink(name, dir_fd=fd)
                     except FileNotFoundError:
                         continue
-                    items.append(Entry(name, Kind.LINK, stat.S_IMODE(m), 0, b"", target))
+                    entries.append(Entry(name, Kind.LINK, m & 0o7777, 0, b"", target))
                     continue
-                if not stat.S_ISREG(m):
+                if fmt != _IFREG:
                     result.skipped.append((os.fsdecode(relpath), "not a regular file"))
                     continue
                 counter += 1
                 if counter % 2048 == 0:
                     progress(Progress("scan", counter, None, os.fsdecode(relpath)))
                 seen_add(relpath)
-                result.files += 1
-                result.nbytes += st.st_size
+                nbytes += st.st_size
                 if unread or (lazy_added and hint is not None and name not in base):
                     # Placeholder content: new since the base (the whole directory, or with
                     # lazy_added this file), so only its name matters to the caller.
-                    items.append(
-                        Entry(name, FILE, stat.S_IMODE(m), st.st_size, unread_oid(relpath))
-                    )
+                    clean = False
+                    entries.append(Entry(name, FILE, m & 0o7777, st.st_size, unread_oid(relpath)))
                     continue
                 c = get_cached(relpath)
-                if (
-                    c is not None
-                    and c[1] == st.st_ino  # fields by index: this is the hottest loop
-                    and c[3] == st.st_mtime_ns
-                    and c[4] == st.st_ctime_ns
-                    and c[2] == st.st_size
-                    and c[0] == st.st_dev
-                    and not c[7]
-                ):
-                    items.append(Entry(name, FILE, c[5], c[2], c[6]))
-                    continue
+                if c is not None:
+                    known += 1
+                    if (
+                        c[1] == st.st_ino  # fields by index: this is the hottest loop
+                        and c[3] == st.st_mtime_ns
+                        and c[4] == st.st_ctime_ns
+                        and c[2] == st.st_size
+                        and c[0] == st.st_dev
+                        and not c[7]
+                    ):
+                        hits.append((name, c))
+                        continue
+                clean = False
                 try:
                     ffd = os.open(name, READ_FLAGS, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno in (errno.ENOENT, errno.ELOOP):
-                        result.files -= 1
-                        result.nbytes -= st.st_size
+                        counter -= 1
+                        nbytes -= st.st_size
                         seen.discard(relpath)
+                        if c is not None:
+                            known -= 1
                         continue  # vanished or replaced by a symlink: gone for this snapshot
                     raise from_oserror(
                         exc, "Reading the project", root / os.fsdecode(relpath)
@@ -334,9 +399,9 @@ def scan(
                     if batch is not None:
                         batch.add_small(oid, data)
                     result.hashed += 1
-                    result.nbytes += len(data) - st.st_size  # it may have changed since listed
-                    mode = stat.S_IMODE(m)
-                    items.append(Entry(name, FILE, mode, len(data), oid))
+                    nbytes += len(data) - st.st_size  # it may have changed since listed
+                    mode = m & 0o7777
+                    entries.append(Entry(name, FILE, mode, len(data), oid))
                     racy = (
                         stat_changed(st, after)
                         or len(data) != st.st_size
@@ -352,42 +417,39 @@ def scan(
                     (os.dup(fd), name) if batch is not None and batch.may_hardlink(st) else None
                 )
                 fut = pool.submit(work, ffd, st, link_src)
-                items.append(_Pending(name, relpath, stat.S_IMODE(m), st, fut, c))
-        listing[rel] = items
-        return subdirs
+                d.pending.append(_Pending(name, relpath, m & 0o7777, st, fut, c))
+        d.clean = clean
+        listing[rel] = d
+        return descend_into
 
     stack: list[_Frame] = []
     try:
-        stack.append(_Frame(root_fd, b"", list_dir(root_fd, b"")))
+        stack.append(_Frame(root_fd, b"", list_dir(root_fd, b"", None)))
         while stack:
             top = stack[-1]
             if top.i < len(top.subdirs):
-                name, _mode = top.subdirs[top.i]
+                name, listed_as = top.subdirs[top.i]
                 top.i += 1
                 child = _join(top.relpath, name)
                 try:
                     cfd = os.open(name, DIR_FLAGS, dir_fd=top.fd)
                 except OSError as exc:
                     if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-                        listing[top.relpath] = [
-                            x
-                            for x in listing[top.relpath]
-                            if not (isinstance(x, tuple) and x[0] == name)
-                        ]
+                        parent = listing[top.relpath]
+                        parent.subdirs = [x for x in parent.subdirs if x[0] != name]
+                        parent.clean = False
                         continue  # vanished or swapped for a symlink mid-walk
                     raise from_oserror(
                         exc, "Reading the project", root / os.fsdecode(child)
                     ) from exc
                 stack.append(_Frame(cfd, child, []))
-                try:
-                    stack[-1].subdirs = list_dir(cfd, child)
-                except BaseException:
-                    raise
+                stack[-1].subdirs = list_dir(cfd, child, listed_as)
                 continue
             os.close(top.fd)
             stack.pop()
             postorder.append(top.relpath)
-        result.root = _build_trees(listing, postorder, result, start_ns)
+        result.files, result.nbytes = counter, nbytes
+        result.root = _build_trees(listing, postorder, result, start_ns, use_dirs)
     except BaseException:
         for frame in stack:
             os.close(frame.fd)
@@ -399,7 +461,10 @@ def scan(
         if pool is not None:
             pool.shutdown(wait=True)
     if hint is None:
-        result.cache_deletes = [p for p in cache if p not in seen]
+        # Every relpath is listed once, so when as many listed files had an entry as the cache
+        # holds, every entry was seen and nothing is gone.
+        if known != len(cache):
+            result.cache_deletes = [p for p in cache if p not in seen]
     else:  # only directories that were read can say a file is gone
         result.cache_deletes = [
             p for p in cache if p not in seen and p.rpartition(b"/")[0] in listed
@@ -409,51 +474,96 @@ def scan(
 
 
 def _build_trees(
-    listing: dict[bytes, list[Entry | _Pending | tuple[bytes, int]]],
+    listing: dict[bytes, _Dir],
     postorder: list[bytes],
     result: ScanResult,
     start_ns: int,
+    record: bool,
 ) -> Oid:
     tree_of: dict[bytes, Oid] = {}
+    reused: set[bytes] = set()
+    records: Index = {}
+    FILE, DIR = Kind.FILE, Kind.DIR
     for rel in postorder:
-        entries: list[Entry] = []
-        for item in listing[rel]:
-            if isinstance(item, Entry):
-                entries.append(item)
-            elif isinstance(item, tuple):
-                name, mode = item
-                entries.append(Entry(name, Kind.DIR, mode, 0, tree_of[_join(rel, name)]))
-            else:
-                try:
-                    got = item.future.result()
-                except SnapfsError:
-                    raise
-                except OSError as exc:
-                    raise from_oserror(exc, "Snapshotting", os.fsdecode(item.relpath)) from exc
-                result.hashed += 1
-                result.stored += got.stored
-                st = got.st
-                mode = item.logical_mode(got)
-                # Record what was hashed: the file may have grown or shrunk since it was listed.
-                result.nbytes += got.size - item.st.st_size
-                entries.append(Entry(item.name, Kind.FILE, mode, got.size, got.oid))
-                result.cache_updates.append(
-                    (
-                        item.relpath,
-                        CacheEntry(
-                            st.st_dev,
-                            st.st_ino,
-                            st.st_size,
-                            st.st_mtime_ns,
-                            st.st_ctime_ns,
-                            mode,
-                            got.oid,
-                            got.racy or is_racy(st, start_ns),
-                        ),
-                    )
+        d = listing[rel]
+        prefix = rel + b"/" if rel else b""
+        if (
+            d.cached is not None
+            and d.clean
+            and all(prefix + name in reused for name, _mode in d.subdirs)
+        ):
+            # Unchanged since its tree was built: same names, same entries, same subtrees.
+            tree_of[rel] = d.cached
+            reused.add(rel)
+            if record:
+                records[rel] = _dir_record(d, d.cached)
+            continue
+        entries = d.entries
+        entries.extend([Entry(name, FILE, c[5], c[2], c[6]) for name, c in d.hits])
+        entries.extend(
+            [Entry(name, DIR, mode, 0, tree_of[prefix + name]) for name, mode in d.subdirs]
+        )
+        for item in d.pending:
+            try:
+                got = item.future.result()
+            except SnapfsError:
+                raise
+            except OSError as exc:
+                raise from_oserror(exc, "Snapshotting", os.fsdecode(item.relpath)) from exc
+            result.hashed += 1
+            result.stored += got.stored
+            st = got.st
+            mode = item.logical_mode(got)
+            # Record what was hashed: the file may have grown or shrunk since it was listed.
+            result.nbytes += got.size - item.st.st_size
+            entries.append(Entry(item.name, FILE, mode, got.size, got.oid))
+            result.cache_updates.append(
+                (
+                    item.relpath,
+                    CacheEntry(
+                        st.st_dev,
+                        st.st_ino,
+                        st.st_size,
+                        st.st_mtime_ns,
+                        st.st_ctime_ns,
+                        mode,
+                        got.oid,
+                        got.racy or is_racy(st, start_ns),
+                    ),
                 )
+            )
         data = encode(entries)
         oid = tree_oid(data)
         result.trees[oid] = data
         tree_of[rel] = oid
+        if record and d.st is not None and not is_racy(d.st, start_ns):
+            records[rel] = _dir_record(d, oid)
+    if record:
+        result.dirs = records
     return tree_of[b""]
+
+
+def _same_dir_stat(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_dev, a.st_ctime_ns, a.st_mtime_ns, a.st_size, a.st_mode) == (
+        b.st_ino,
+        b.st_dev,
+        b.st_ctime_ns,
+        b.st_mtime_ns,
+        b.st_size,
+        b.st_mode,
+    )
+
+
+def _dir_record(d: _Dir, oid: Oid) -> CacheEntry:
+    st = d.st
+    assert st is not None
+    return CacheEntry(
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_mode & 0o7777,
+        oid,
+        False,
+    )
