@@ -25,7 +25,7 @@ from ._errors import ProjectPathError, SnapfsError, from_oserror
 from ._fsops import DIR_FLAGS, READ_FLAGS, stat_changed
 from ._hashing import Oid, hash_bytes, hash_fd, read_all
 from ._ignore import STATE_DIR
-from ._index import CacheEntry, Index
+from ._index import CacheEntry, Index, paused_gc
 from ._objects import IngestBatch, Ingested
 from ._threads import executor
 from ._tree import Entry, Kind, decode, encode, tree_oid
@@ -424,32 +424,33 @@ def scan(
 
     stack: list[_Frame] = []
     try:
-        stack.append(_Frame(root_fd, b"", list_dir(root_fd, b"", None)))
-        while stack:
-            top = stack[-1]
-            if top.i < len(top.subdirs):
-                name, listed_as = top.subdirs[top.i]
-                top.i += 1
-                child = _join(top.relpath, name)
-                try:
-                    cfd = os.open(name, DIR_FLAGS, dir_fd=top.fd)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-                        parent = listing[top.relpath]
-                        parent.subdirs = [x for x in parent.subdirs if x[0] != name]
-                        parent.clean = False
-                        continue  # vanished or swapped for a symlink mid-walk
-                    raise from_oserror(
-                        exc, "Reading the project", root / os.fsdecode(child)
-                    ) from exc
-                stack.append(_Frame(cfd, child, []))
-                stack[-1].subdirs = list_dir(cfd, child, listed_as)
-                continue
-            os.close(top.fd)
-            stack.pop()
-            postorder.append(top.relpath)
-        result.files, result.nbytes = counter, nbytes
-        result.root = _build_trees(listing, postorder, result, start_ns, use_dirs)
+        with paused_gc():  # the walk allocates much and makes no reference cycles
+            stack.append(_Frame(root_fd, b"", list_dir(root_fd, b"", None)))
+            while stack:
+                top = stack[-1]
+                if top.i < len(top.subdirs):
+                    name, listed_as = top.subdirs[top.i]
+                    top.i += 1
+                    child = _join(top.relpath, name)
+                    try:
+                        cfd = os.open(name, DIR_FLAGS, dir_fd=top.fd)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                            parent = listing[top.relpath]
+                            parent.subdirs = [x for x in parent.subdirs if x[0] != name]
+                            parent.clean = False
+                            continue  # vanished or swapped for a symlink mid-walk
+                        raise from_oserror(
+                            exc, "Reading the project", root / os.fsdecode(child)
+                        ) from exc
+                    stack.append(_Frame(cfd, child, []))
+                    stack[-1].subdirs = list_dir(cfd, child, listed_as)
+                    continue
+                os.close(top.fd)
+                stack.pop()
+                postorder.append(top.relpath)
+            result.files, result.nbytes = counter, nbytes
+            result.root = _build_trees(listing, postorder, result, start_ns, use_dirs)
     except BaseException:
         for frame in stack:
             os.close(frame.fd)
