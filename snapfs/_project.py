@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._restore import Intent, Op
     from ._txn import Transaction
 
 from ._config import Config, load_config
@@ -39,7 +40,6 @@ from ._ignore import Ignore
 from ._index import CacheEntry
 from ._lock import Lock
 from ._objects import ObjectStore
-from ._restore import Intent, Op, apply_restore, finish, plan_restore, read_intent
 from ._scan import RACY_NS, Hint, Progress, ProgressFn, ScanResult, no_progress, scan
 from ._state import KINDS, ProjectState, SnapshotRow
 from ._threads import executor
@@ -471,6 +471,8 @@ class Project:
     ) -> RestoreResult:
         """Make the working tree exactly equal to snapshot ``ref``. Undo with the pre-restore id."""
         if dry_run:
+            from ._restore import plan_restore
+
             target = self.resolve(ref)
             cur = self._scan_readonly(progress)
             plan = plan_restore(self._overlay(cur.trees), cur.root, target.root)
@@ -580,6 +582,8 @@ class Project:
         staging: str = "",
     ) -> list[Op]:
         """Plan and apply the restore from tree ``current`` to ``target`` (lock held)."""
+        from ._restore import Intent, apply_restore, plan_restore  # only restores need them
+
         keep = self._keeper(preserve)
         plan = plan_restore(load, current, target.root, keep if preserve else None)
         intent = Intent(
@@ -618,6 +622,8 @@ class Project:
                     q = q.rpartition(b"/")[0]
         self.state.update_cache(puts, gone - {p for p, _ in puts})
         self.state.set_meta("head", str(intent.target))
+        from ._restore import finish
+
         finish(self.state_dir, intent)
 
     # ---- recovery -----------------------------------------------------------------------
@@ -709,7 +715,12 @@ class Project:
             return "\n".join(d for d in done if d) or "Nothing to recover."
 
     def _recover_locked(self, progress: ProgressFn = no_progress) -> str | None:
-        intent = read_intent(self.state_dir / "intent.json")
+        path = self.state_dir / "intent.json"
+        intent = None
+        if path.exists():  # the restore machinery loads only when there is work for it
+            from ._restore import read_intent
+
+            intent = read_intent(path)
         if intent is None:
             self._sweep_staging()
             return None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -40,6 +39,12 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 AUTOMATIC_KINDS = ("auto", "pre-import")
+
+
+def _hostname() -> str:
+    import socket  # on first use: most commands never compare owners
+
+    return socket.gethostname()
 
 
 def _boot_id() -> str:
@@ -85,7 +90,7 @@ class Owner:
     @classmethod
     def current(cls) -> Owner:
         pid = os.getpid()
-        return cls(pid, socket.gethostname(), _boot_id(), _proc_start(pid))
+        return cls(pid, _hostname(), _boot_id(), _proc_start(pid))
 
     def with_child(self, pid: int) -> Owner:
         return Owner(self.pid, self.host, self.boot_id, self.start, pid, _proc_start(pid))
@@ -110,7 +115,7 @@ class Owner:
 
     def alive(self) -> bool:
         """Is the owner still running? An owner on another host is assumed alive."""
-        if self.host and self.host != socket.gethostname():
+        if self.host and self.host != _hostname():
             return True
         if not self.pid or (self.boot_id and self.boot_id != _boot_id()):
             return False

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -70,7 +69,7 @@ def external_mark(project: Project, timeout: float = 2.0) -> Mark | None:
         return None
     run = w[0]
     cookie = project.state_dir / f"journal-cookie-{run}"
-    token = f"x{os.getpid()}-{secrets.token_hex(6)}"
+    token = f"x{os.getpid()}-{os.urandom(6).hex()}"
     tmp = cookie.with_name(f"{cookie.name}.{token}")
     try:
         tmp.write_bytes(f"mark by pid {os.getpid()}\n".encode())
