@@ -54,14 +54,14 @@ from ._errors import (
     from_oserror,
 )
 from ._fsops import start_writeback
-from ._hosts import HostBook
-from ._retry import RetryBudget, RetryPolicy, parse_retry_after
 from ._state import from_sqlite
 
 if TYPE_CHECKING:
     import requests
 
+    from ._hosts import HostBook
     from ._project import Project
+    from ._retry import RetryBudget, RetryPolicy
 
 READ = 1 << 20  # bytes per socket read and per disk read
 MAX_SEGMENT = 256 << 20  # the longest range asked for in one request
@@ -421,13 +421,16 @@ class _Download:
         self.hosts = hosts
         self.progress = progress
         self.expected = expected
-        self.policy = RetryPolicy(
+        # Loaded with the first download: no other command needs retries or host health.
+        from ._retry import RetryBudget, RetryPolicy
+
+        self.policy: RetryPolicy = RetryPolicy(
             base=config.retry_base,
             cap=config.retry_cap,
             retry_after_max=config.retry_after_max,
             attempts=config.retry_attempts,
         )
-        self.budget = RetryBudget(self.policy)
+        self.budget: RetryBudget = RetryBudget(self.policy)
         self.plan = _Plan(config.download_chunk)
         self.last_error = ""
         self.fetched = 0
@@ -779,6 +782,8 @@ class _Download:
                     raise _Changed(total, _validator(resp))
                 raise _Transient("HTTP 416 for a range inside the file")
             if status == 429 or status >= 500:
+                from ._retry import parse_retry_after
+
                 ra = parse_retry_after(resp.headers.get("Retry-After"))
                 raise _Transient(f"HTTP {status}", ra)
             if status not in (200, 206):
@@ -1250,6 +1255,8 @@ def _plain_config(env: dict[str, str] | None, overrides: dict[str, Any]) -> Conf
 
 
 def _hosts_for(config: Config) -> HostBook:
+    from ._hosts import HostBook
+
     state = config.state_dir or Path.home() / ".local" / "state" / "snapfs"
     return HostBook(
         state / "hosts.db",
