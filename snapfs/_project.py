@@ -310,7 +310,7 @@ class Project:
         return scan(
             self.root,
             ignore=ignore,
-            cache=self.state.load_cache(),
+            cache=self.state.file_records(),
             batch=None,
             workers=self.config.workers,
             progress=progress,
@@ -399,7 +399,7 @@ class Project:
                 res = scan(
                     self.root,
                     ignore=ignore,
-                    cache=self.state.load_cache(),
+                    cache=self.state.file_records(),
                     batch=batch,
                     workers=self.config.workers,
                     inline_max=self._inline_max(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ from ._errors import ProjectPathError, SnapfsError, from_oserror
 from ._fsops import DIR_FLAGS, READ_FLAGS, stat_changed
 from ._hashing import Oid, hash_bytes, hash_fd, read_all
 from ._ignore import STATE_DIR
-from ._index import CacheEntry, Index, paused_gc
+from ._index import CacheEntry, DirIndex, DirRecord, FileRecords, Index, paused_gc
 from ._objects import IngestBatch, Ingested
 from ._threads import executor
 from ._tree import Entry, Kind, decode, encode, tree_oid
@@ -103,7 +104,7 @@ class ScanResult:
     cache_updates: list[tuple[bytes, CacheEntry]] = field(default_factory=list)
     cache_deletes: list[bytes] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    dirs: Index | None = None  # directory records for every directory built (see scan)
+    dirs: DirIndex | None = None  # directory records for every directory built (see scan)
 
 
 class _Pending:
@@ -155,13 +156,27 @@ class _Frame:
 class _Dir:
     """What listing one directory found, kept until its tree is built (children first)."""
 
-    __slots__ = ("entries", "hits", "pending", "subdirs", "st", "cached", "clean")
+    __slots__ = (
+        "entries",
+        "hits",
+        "subdirs",
+        "regular",
+        "regular_st",
+        "order",
+        "files",
+        "st",
+        "cached",
+        "clean",
+    )
 
     def __init__(self, st: os.stat_result | None, cached: Oid | None) -> None:
         self.entries: list[Entry] = []  # complete entries: symlinks, files hashed inline
         self.hits: list[tuple[bytes, CacheEntry]] = []  # files the stat cache vouches for
-        self.pending: list[_Pending] = []  # files being hashed by the pool
         self.subdirs: list[tuple[bytes, int]] = []  # (name, mode); their trees come later
+        self.regular: list[os.DirEntry[str]] = []  # regular files, in listing order
+        self.regular_st: list[os.stat_result] = []  # and their lstat
+        self.order: list[CacheEntry | _Pending] = []  # their cache entries, listing order
+        self.files = b""  # the files' key, when the directory record vouched for them all
         self.st = st  # the directory's own stat, taken before it was listed
         self.cached = cached  # its tree oid, if its directory record matches that stat
         self.clean = True  # every entry is as the stat cache has it (files) or unread (dirs)
@@ -192,7 +207,7 @@ def scan(
     root: Path,
     *,
     ignore: Callable[[bytes], bool],
-    cache: dict[bytes, CacheEntry],
+    cache: Index | FileRecords,
     batch: IngestBatch | None,
     workers: int = 4,
     inline_max: int = 1 << 20,
@@ -200,7 +215,7 @@ def scan(
     hint: Hint | None = None,
     lazy_new: bool = False,
     lazy_added: bool = False,
-    dirs: Index | None = None,
+    dirs: DirIndex | None = None,
 ) -> ScanResult:
     """Build the tree objects for ``root``. With ``batch`` new content is stored, else only hashed.
 
@@ -243,6 +258,9 @@ def scan(
     nbytes = 0
     known = 0  # listed files that have a cache entry
     listed: set[bytes] = set()
+    vouched: set[bytes] = set()  # directories whose files a directory record vouched for
+    files_of = cache.data if isinstance(cache, FileRecords) else lambda: cache
+    ncached = len(cache)
     base_of: dict[bytes, Oid] = {b"": hint.base} if hint is not None else {}
     use_dirs = dirs is not None and hint is None
     get_dir = (dirs or {}).get
@@ -271,8 +289,9 @@ def scan(
     ) -> list[tuple[bytes, os.stat_result]]:
         """List one directory into ``listing[rel]``; returns the subdirectories to descend
         with their lstat. ``listed_as`` is the lstat its parent's listing saw (None: root)."""
-        nonlocal pool, counter, nbytes, known
-        cached = dst = None
+        nonlocal counter, nbytes, known
+        rec: DirRecord | None = None
+        dst = None
         if use_dirs:
             dst = os.fstat(fd)
             # The parent's tree records this directory's mode as its listing saw it; only a
@@ -288,22 +307,21 @@ def scan(
                 and e[3] == dst.st_mtime_ns
                 and e[2] == dst.st_size
                 and e[0] == dst.st_dev
-                and not e[7]
             ):
-                cached = e[6]
-        d = _Dir(dst, cached)
-        clean = True
-        entries, hits, subdirs = d.entries, d.hits, d.subdirs
+                rec = e
+        d = _Dir(dst, rec[6] if rec is not None else None)
+        entries, subdirs = d.entries, d.subdirs
+        regular, regular_st = d.regular, d.regular_st
+        # With a matching record, the files' stats are checked all at once (see _files_key).
+        keys: list[int] | None = [] if rec is not None and rec[7] else None
         descend_into: list[tuple[bytes, os.stat_result]] = []
         try:
             it = os.scandir(fd)
         except OSError as exc:
             raise from_oserror(exc, "Reading the project", root / os.fsdecode(rel)) from exc
         prefix = rel + b"/" if rel else b""
-        get_cached = cache.get
         listed.add(rel)
         base = base_entries(rel) if hint is not None else {}
-        unread = lazy_new and hint is not None and hint.is_new(rel)
         # The hottest loop of a no-change snapshot: one iteration per entry of the project.
         # Locals, inline type tests and tuple indexing keep it close to a bare scandir + lstat.
         with it:
@@ -311,14 +329,22 @@ def scan(
                 sname = de.name
                 if sname == state_dir:
                     continue  # snapfs state (this project's or a nested one's) is never snapshotted
-                name = sname.encode(fs_encoding, fs_errors)
-                relpath = prefix + name
                 try:
                     st = de.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # vanished between listing and stat: not part of this snapshot
                 m = st.st_mode
                 fmt = m & _IFMT
+                if fmt == _IFREG:
+                    if check_ignore and ignore(prefix + sname.encode(fs_encoding, fs_errors)):
+                        continue
+                    regular.append(de)
+                    regular_st.append(st)
+                    if keys is not None:
+                        keys += (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                    continue
+                name = sname.encode(fs_encoding, fs_errors)
+                relpath = prefix + name
                 if fmt == _IFDIR:
                     if check_ignore and ignore(relpath + b"/"):
                         continue
@@ -331,7 +357,7 @@ def scan(
                                 and not hint.is_new(relpath)
                             ):
                                 # Untouched since the base: reuse its subtree unread.
-                                clean = False
+                                d.clean = False
                                 entries.append(Entry(name, Kind.DIR, m & 0o7777, 0, old.oid))
                                 continue
                             base_of[relpath] = old.oid
@@ -347,80 +373,101 @@ def scan(
                         continue
                     entries.append(Entry(name, Kind.LINK, m & 0o7777, 0, b"", target))
                     continue
-                if fmt != _IFREG:
-                    result.skipped.append((os.fsdecode(relpath), "not a regular file"))
-                    continue
-                counter += 1
-                if counter % 2048 == 0:
-                    progress(Progress("scan", counter, None, os.fsdecode(relpath)))
-                seen_add(relpath)
-                nbytes += st.st_size
-                if unread or (lazy_added and hint is not None and name not in base):
-                    # Placeholder content: new since the base (the whole directory, or with
-                    # lazy_added this file), so only its name matters to the caller.
-                    clean = False
-                    entries.append(Entry(name, FILE, m & 0o7777, st.st_size, unread_oid(relpath)))
-                    continue
-                c = get_cached(relpath)
-                if c is not None:
-                    known += 1
-                    if (
-                        c[1] == st.st_ino  # fields by index: this is the hottest loop
-                        and c[3] == st.st_mtime_ns
-                        and c[4] == st.st_ctime_ns
-                        and c[2] == st.st_size
-                        and c[0] == st.st_dev
-                        and not c[7]
-                    ):
-                        hits.append((name, c))
-                        continue
-                clean = False
-                try:
-                    ffd = os.open(name, READ_FLAGS, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOENT, errno.ELOOP):
-                        counter -= 1
-                        nbytes -= st.st_size
-                        seen.discard(relpath)
-                        if c is not None:
-                            known -= 1
-                        continue  # vanished or replaced by a symlink: gone for this snapshot
-                    raise from_oserror(
-                        exc, "Reading the project", root / os.fsdecode(relpath)
-                    ) from exc
-                if st.st_size < inline_max:
-                    # Small files are cheaper to handle right here than to hand to a thread.
-                    try:
-                        data = read_all(ffd)
-                        after = os.fstat(ffd)
-                    finally:
-                        os.close(ffd)
-                    oid = hash_bytes(data)
-                    if batch is not None:
-                        batch.add_small(oid, data)
-                    result.hashed += 1
-                    nbytes += len(data) - st.st_size  # it may have changed since listed
-                    mode = m & 0o7777
-                    entries.append(Entry(name, FILE, mode, len(data), oid))
-                    racy = (
-                        stat_changed(st, after)
-                        or len(data) != st.st_size
-                        or is_racy(after, start_ns)
-                    )
-                    result.cache_updates.append((relpath, _cache_entry(after, mode, oid, racy)))
-                    continue
-                gate.acquire()
-                if pool is None:
-                    pool = executor(max_workers=workers, thread_name_prefix="snapfs-scan")
-                # Hardlinking needs the name; the walker's dir fd closes before the job runs.
-                link_src = (
-                    (os.dup(fd), name) if batch is not None and batch.may_hardlink(st) else None
-                )
-                fut = pool.submit(work, ffd, st, link_src)
-                d.pending.append(_Pending(name, relpath, m & 0o7777, st, fut, c))
-        d.clean = clean
+                result.skipped.append((os.fsdecode(relpath), "not a regular file"))
         listing[rel] = d
+        n = len(regular)
+        if n and (counter + n) // 2048 != counter // 2048:
+            progress(Progress("scan", counter + n, None, os.fsdecode(rel)))
+        if keys is not None and rec is not None and _files_key(keys) == rec[7]:
+            # Every file has the stat its cache entry had when the record was made, and those
+            # entries still stand (replacing one drops this record): all hits, nothing to read.
+            d.files = rec[7]
+            counter += n
+            known += n
+            nbytes += sum(st.st_size for st in regular_st)
+            vouched.add(rel)
+        else:
+            list_files(fd, rel, d)
         return descend_into
+
+    def list_files(fd: int, rel: bytes, d: _Dir) -> None:
+        """Each regular file of a directory: from the stat cache, hashed inline, or pooled."""
+        nonlocal pool, counter, nbytes, known
+        entries, hits, order = d.entries, d.hits, d.order
+        prefix = rel + b"/" if rel else b""
+        get_cached = files_of().get
+        base = base_entries(rel) if hint is not None else {}
+        unread = lazy_new and hint is not None and hint.is_new(rel)
+        clean = d.clean
+        for de, st in zip(d.regular, d.regular_st, strict=True):
+            name = de.name.encode(fs_encoding, fs_errors)
+            relpath = prefix + name
+            m = st.st_mode
+            counter += 1
+            seen_add(relpath)
+            nbytes += st.st_size
+            if unread or (lazy_added and hint is not None and name not in base):
+                # Placeholder content: new since the base (the whole directory, or with
+                # lazy_added this file), so only its name matters to the caller.
+                clean = False
+                entries.append(Entry(name, FILE, m & 0o7777, st.st_size, unread_oid(relpath)))
+                continue
+            c = get_cached(relpath)
+            if c is not None:
+                known += 1
+                if (
+                    c[1] == st.st_ino  # fields by index: this is a hot loop
+                    and c[3] == st.st_mtime_ns
+                    and c[4] == st.st_ctime_ns
+                    and c[2] == st.st_size
+                    and c[0] == st.st_dev
+                    and not c[7]
+                ):
+                    hits.append((name, c))
+                    order.append(c)
+                    continue
+            clean = False
+            try:
+                ffd = os.open(name, READ_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ELOOP):
+                    counter -= 1
+                    nbytes -= st.st_size
+                    seen.discard(relpath)
+                    if c is not None:
+                        known -= 1
+                    continue  # vanished or replaced by a symlink: gone for this snapshot
+                raise from_oserror(exc, "Reading the project", root / os.fsdecode(relpath)) from exc
+            if st.st_size < inline_max:
+                # Small files are cheaper to handle right here than to hand to a thread.
+                try:
+                    data = read_all(ffd)
+                    after = os.fstat(ffd)
+                finally:
+                    os.close(ffd)
+                oid = hash_bytes(data)
+                if batch is not None:
+                    batch.add_small(oid, data)
+                result.hashed += 1
+                nbytes += len(data) - st.st_size  # it may have changed since listed
+                mode = m & 0o7777
+                entries.append(Entry(name, FILE, mode, len(data), oid))
+                racy = (
+                    stat_changed(st, after) or len(data) != st.st_size or is_racy(after, start_ns)
+                )
+                entry = _cache_entry(after, mode, oid, racy)
+                result.cache_updates.append((relpath, entry))
+                order.append(entry)
+                continue
+            gate.acquire()
+            if pool is None:
+                pool = executor(max_workers=workers, thread_name_prefix="snapfs-scan")
+            # Hardlinking needs the name; the walker's dir fd closes before the job runs.
+            link_src = (os.dup(fd), name) if batch is not None and batch.may_hardlink(st) else None
+            fut = pool.submit(work, ffd, st, link_src)
+            pending = _Pending(name, relpath, m & 0o7777, st, fut, c)
+            order.append(pending)
+        d.clean = clean
 
     stack: list[_Frame] = []
     try:
@@ -450,7 +497,7 @@ def scan(
                 stack.pop()
                 postorder.append(top.relpath)
             result.files, result.nbytes = counter, nbytes
-            result.root = _build_trees(listing, postorder, result, start_ns, use_dirs)
+            result.root = _build_trees(listing, postorder, result, start_ns, use_dirs, files_of)
     except BaseException:
         for frame in stack:
             os.close(frame.fd)
@@ -464,11 +511,13 @@ def scan(
     if hint is None:
         # Every relpath is listed once, so when as many listed files had an entry as the cache
         # holds, every entry was seen and nothing is gone.
-        if known != len(cache):
-            result.cache_deletes = [p for p in cache if p not in seen]
+        if known != ncached:  # (a vouched-for directory's files are exactly its entries)
+            result.cache_deletes = [
+                p for p in files_of() if p not in seen and p.rpartition(b"/")[0] not in vouched
+            ]
     else:  # only directories that were read can say a file is gone
         result.cache_deletes = [
-            p for p in cache if p not in seen and p.rpartition(b"/")[0] in listed
+            p for p in files_of() if p not in seen and p.rpartition(b"/")[0] in listed
         ]
     progress(Progress("scan", counter, counter))
     return result
@@ -480,10 +529,12 @@ def _build_trees(
     result: ScanResult,
     start_ns: int,
     record: bool,
+    files_of: Callable[[], Index],
 ) -> Oid:
     tree_of: dict[bytes, Oid] = {}
     reused: set[bytes] = set()
-    records: Index = {}
+    records: DirIndex = {}
+    fs_encoding, fs_errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
     FILE, DIR = Kind.FILE, Kind.DIR
     for rel in postorder:
         d = listing[rel]
@@ -497,14 +548,21 @@ def _build_trees(
             tree_of[rel] = d.cached
             reused.add(rel)
             if record:
-                records[rel] = _dir_record(d, d.cached)
+                records[rel] = _dir_record(d, d.cached, d.files or _order_key(d.order))
             continue
+        if d.files:  # vouched for, but a subdirectory changed: the entries are needed now
+            cache = files_of()
+            for de in d.regular:
+                name = de.name.encode(fs_encoding, fs_errors)
+                d.hits.append((name, cache[prefix + name]))
         entries = d.entries
         entries.extend([Entry(name, FILE, c[5], c[2], c[6]) for name, c in d.hits])
         entries.extend(
             [Entry(name, DIR, mode, 0, tree_of[prefix + name]) for name, mode in d.subdirs]
         )
-        for item in d.pending:
+        for i, item in enumerate(d.order):
+            if not isinstance(item, _Pending):
+                continue
             try:
                 got = item.future.result()
             except SnapfsError:
@@ -518,27 +576,24 @@ def _build_trees(
             # Record what was hashed: the file may have grown or shrunk since it was listed.
             result.nbytes += got.size - item.st.st_size
             entries.append(Entry(item.name, FILE, mode, got.size, got.oid))
-            result.cache_updates.append(
-                (
-                    item.relpath,
-                    CacheEntry(
-                        st.st_dev,
-                        st.st_ino,
-                        st.st_size,
-                        st.st_mtime_ns,
-                        st.st_ctime_ns,
-                        mode,
-                        got.oid,
-                        got.racy or is_racy(st, start_ns),
-                    ),
-                )
+            entry = CacheEntry(
+                st.st_dev,
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                mode,
+                got.oid,
+                got.racy or is_racy(st, start_ns),
             )
+            result.cache_updates.append((item.relpath, entry))
+            d.order[i] = entry
         data = encode(entries)
         oid = tree_oid(data)
         result.trees[oid] = data
         tree_of[rel] = oid
         if record and d.st is not None and not is_racy(d.st, start_ns):
-            records[rel] = _dir_record(d, oid)
+            records[rel] = _dir_record(d, oid, d.files or _order_key(d.order))
     if record:
         result.dirs = records
     return tree_of[b""]
@@ -555,10 +610,31 @@ def _same_dir_stat(a: os.stat_result, b: os.stat_result) -> bool:
     )
 
 
-def _dir_record(d: _Dir, oid: Oid) -> CacheEntry:
+def _files_key(stats: list[int]) -> bytes:
+    """One digest of the (dev, ino, size, mtime_ns, ctime_ns) of a directory's files, in
+    listing order: equal digests mean every file passes the stat cache's check."""
+    try:
+        packed = struct.pack(f"<{len(stats)}q", *stats)
+    except struct.error:  # a value beyond int64: text is as exact, only slower
+        packed = repr(stats).encode()
+    return hash_bytes(packed)
+
+
+def _order_key(order: list[CacheEntry | _Pending]) -> bytes:
+    """The files' key for a new directory record, from the cache entries its files got in
+    this scan; none (b"") if any of them is racy, as its next check must be a full one."""
+    stats: list[int] = []
+    for e in order:
+        if isinstance(e, _Pending) or e[7]:
+            return b""
+        stats += e[:5]
+    return _files_key(stats)
+
+
+def _dir_record(d: _Dir, oid: Oid, files: bytes) -> DirRecord:
     st = d.st
     assert st is not None
-    return CacheEntry(
+    return DirRecord(
         st.st_dev,
         st.st_ino,
         st.st_size,
@@ -566,5 +642,5 @@ def _dir_record(d: _Dir, oid: Oid) -> CacheEntry:
         st.st_ctime_ns,
         st.st_mode & 0o7777,
         oid,
-        False,
+        files,
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ._errors import DiskFull, FilesystemError, SnapfsError, StateCorrupt
 from ._hashing import Oid
-from ._index import CacheEntry, Index, Loaded, load_index, save_index
+from ._index import CacheEntry, DirIndex, FileRecords, Index, Loaded, load_index, save_index
 
 SCHEMA_VERSION = 1
 
@@ -181,7 +181,7 @@ class ProjectState:
         seconds: float,
         cache_updates: Iterable[tuple[bytes, CacheEntry]],
         cache_deletes: Iterable[bytes],
-        dirs: tuple[bytes, Index] | None = None,
+        dirs: tuple[bytes, DirIndex] | None = None,
         set_head: bool = True,
     ) -> int:
         """Record a snapshot, its new trees and the stat cache changes in one transaction."""
@@ -204,7 +204,7 @@ class ProjectState:
         self,
         updates: Iterable[tuple[bytes, CacheEntry]],
         deletes: Iterable[bytes] = (),
-        dirs: tuple[bytes, Index] | None = None,
+        dirs: tuple[bytes, DirIndex] | None = None,
     ) -> None:
         """Apply changes to the stat cache. ``dirs`` (rules fingerprint, directory records),
         from a scan of the whole tree, replaces every directory record. Without it, the
@@ -229,7 +229,7 @@ class ProjectState:
                             break  # dropped earlier, with every directory above it
         if not updates and not deletes and rules == old.rules and new_dirs == old.dirs:
             return
-        files = old.files
+        files = old.files.data()
         if updates or deletes:
             files = dict(files)
             for p in deletes:
@@ -237,7 +237,7 @@ class ProjectState:
             files.update(updates)
         save_index(self.index_path, files, new_dirs, rules)
         st = os.stat(self.index_path)
-        self._index = Loaded(files, new_dirs, rules)
+        self._index = Loaded(FileRecords(len(files), data=files), new_dirs, rules)
         self._index_sig = (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def snapshots(self) -> list[SnapshotRow]:
@@ -353,15 +353,23 @@ class ProjectState:
             sig = None
         # Another process may have replaced it; a stale copy could name objects gc removed.
         if self._index is None or sig != self._index_sig:
-            self._index = load_index(self.index_path) if sig is not None else Loaded({}, {}, b"")
+            self._index = (
+                load_index(self.index_path)
+                if sig is not None
+                else Loaded(FileRecords(0, data={}), {}, b"")
+            )
             self._index_sig = sig
         return self._index
 
     def load_cache(self) -> Index:
         """The stat cache of files; treat it as read-only (update_cache replaces it)."""
+        return self._loaded().files.data()
+
+    def file_records(self) -> FileRecords:
+        """The stat cache of files, decoded only if a scan needs it (see scan)."""
         return self._loaded().files
 
-    def load_dir_cache(self, rules: bytes) -> Index:
+    def load_dir_cache(self, rules: bytes) -> DirIndex:
         """The directory records, if they were built under the ignore rules ``rules``."""
         loaded = self._loaded()
         return loaded.dirs if loaded.rules == rules else {}

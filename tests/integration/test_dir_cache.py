@@ -8,7 +8,7 @@ from pathlib import Path
 
 import snapfs
 from snapfs._ignore import Ignore
-from snapfs._index import HEADER_V1, MAGIC_V1, RECORD, load_index
+from snapfs._index import HEADER_V1, MAGIC_V1, RECORD, CacheEntry, load_index
 from snapfs._scan import scan
 from tests.helpers import tree_state, write
 
@@ -51,6 +51,38 @@ def test_unchanged_directories_are_reused_and_match_a_full_build(project: snapfs
     )
     assert res.root == bytes.fromhex(first.root) and res.trees == {}  # nothing rebuilt
     assert res.files == 3 and res.hashed == 0
+
+
+class _CountingCache(dict[bytes, CacheEntry]):
+    lookups = 0
+
+    def get(self, key: bytes, default: object = None) -> object:  # type: ignore[override]
+        self.lookups += 1
+        return super().get(key, default)
+
+
+def test_unchanged_files_are_checked_without_a_lookup_each(project: snapfs.Project) -> None:
+    root = project.root
+    for i in range(20):
+        write(root, f"pkg/m{i}.py", f"m{i}")
+    write(root, "pkg/sub/z.py", "z")
+    _tree(project)
+    rules = Ignore.load(root).fingerprint
+
+    def rescan() -> tuple[int, int]:
+        cache = _CountingCache(project.state.load_cache())
+        res = scan(
+            root,
+            ignore=Ignore.load(root),
+            cache=cache,
+            batch=None,
+            dirs=project.state.load_dir_cache(rules),
+        )
+        return cache.lookups, res.hashed
+
+    assert rescan() == (0, 0)  # every directory's record vouched for all its files
+    os.utime(root / "pkg/m3.py")  # one file's stat moves: its directory is checked file by file
+    assert rescan() == (20, 1)
 
 
 def test_a_file_written_in_place_is_seen_in_an_unchanged_directory(
@@ -167,5 +199,34 @@ def test_a_version_1_index_is_still_read(tmp_path: Path) -> None:
     path = tmp_path / "index"
     path.write_bytes(HEADER_V1.pack(MAGIC_V1, 1, xxhash.xxh3_64_intdigest(body)) + body)
     loaded = load_index(path)
-    assert list(loaded.files) == [b"a/b"] and loaded.files[b"a/b"].oid == b"o" * 16
+    files = loaded.files.data()
+    assert list(files) == [b"a/b"] and files[b"a/b"].oid == b"o" * 16
     assert loaded.dirs == {}
+
+
+def test_a_racy_file_is_never_vouched_for_by_its_directory(project: snapfs.Project) -> None:
+    root = project.root
+    p = write(root, "d/hot.txt", "1111")
+    _tree(project)
+    p.write_text("2222")  # in place: d's own stat does not move
+    project.snapshot()  # right away: hot.txt's new cache entry is racy
+    assert project.state.load_cache()[b"d/hot.txt"].racy
+    rec = project.state.load_dir_cache(Ignore.load(root).fingerprint)[b"d"]
+    assert rec.files == b""  # so the next scan checks (and re-hashes) hot.txt itself
+    st = p.stat()
+    p.write_text("3333")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert project.status().modified == ["d/hot.txt"]
+
+
+def test_no_change_status_leaves_the_file_records_undecoded(project: snapfs.Project) -> None:
+    root = project.root
+    write(root, "a/b/c.txt", "c")
+    write(root, "a/d.txt", "d")
+    _tree(project)
+    with snapfs.open(root) as p:
+        assert not p.status()
+        assert p.state.file_records()._data is None  # a white-box check of the cheap path
+        os.utime(root / "a/d.txt")
+        assert not p.status()  # metadata only: the content is the same
+        assert p.state.file_records()._data is not None
