@@ -173,8 +173,8 @@ class _Dir:
         self.entries: list[Entry] = []  # complete entries: symlinks, files hashed inline
         self.hits: list[tuple[bytes, CacheEntry]] = []  # files the stat cache vouches for
         self.subdirs: list[tuple[bytes, int]] = []  # (name, mode); their trees come later
-        self.regular: list[os.DirEntry[str]] = []  # regular files, in listing order
-        self.regular_st: list[os.stat_result] = []  # and their lstat
+        self.regular: list[str] = []  # names of the regular files, in listing order
+        self.regular_st: list[os.stat_result] = []  # and their lstat, until they are handled
         self.order: list[CacheEntry | _Pending] = []  # their cache entries, listing order
         self.files = b""  # the files' key, when the directory record vouched for them all
         self.st = st  # the directory's own stat, taken before it was listed
@@ -314,6 +314,7 @@ def scan(
         regular, regular_st = d.regular, d.regular_st
         # With a matching record, the files' stats are checked all at once (see _files_key).
         keys: list[int] | None = [] if rec is not None and rec[7] else None
+        size = 0
         descend_into: list[tuple[bytes, os.stat_result]] = []
         try:
             it = os.scandir(fd)
@@ -338,10 +339,12 @@ def scan(
                 if fmt == _IFREG:
                     if check_ignore and ignore(prefix + sname.encode(fs_encoding, fs_errors)):
                         continue
-                    regular.append(de)
-                    regular_st.append(st)
-                    if keys is not None:
+                    regular.append(sname)
+                    if keys is not None:  # only the digest's ints are kept, not the stat
                         keys += (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                        size += st.st_size
+                    else:
+                        regular_st.append(st)
                     continue
                 name = sname.encode(fs_encoding, fs_errors)
                 relpath = prefix + name
@@ -384,9 +387,19 @@ def scan(
             d.files = rec[7]
             counter += n
             known += n
-            nbytes += sum(st.st_size for st in regular_st)
+            nbytes += size
             vouched.add(rel)
         else:
+            if keys is not None:  # the stats weren't kept: take them again
+                d.regular = []
+                for sname in regular:
+                    try:
+                        st = os.lstat(sname, dir_fd=fd)
+                    except FileNotFoundError:
+                        continue  # vanished since it was listed
+                    if st.st_mode & _IFMT == _IFREG:  # (else replaced since: left out)
+                        d.regular.append(sname)
+                        regular_st.append(st)
             list_files(fd, rel, d)
         return descend_into
 
@@ -399,8 +412,8 @@ def scan(
         base = base_entries(rel) if hint is not None else {}
         unread = lazy_new and hint is not None and hint.is_new(rel)
         clean = d.clean
-        for de, st in zip(d.regular, d.regular_st, strict=True):
-            name = de.name.encode(fs_encoding, fs_errors)
+        for sname, st in zip(d.regular, d.regular_st, strict=True):
+            name = sname.encode(fs_encoding, fs_errors)
             relpath = prefix + name
             m = st.st_mode
             counter += 1
@@ -468,6 +481,7 @@ def scan(
             pending = _Pending(name, relpath, m & 0o7777, st, fut, c)
             order.append(pending)
         d.clean = clean
+        d.regular_st = []  # handled
 
     stack: list[_Frame] = []
     try:
@@ -552,8 +566,8 @@ def _build_trees(
             continue
         if d.files:  # vouched for, but a subdirectory changed: the entries are needed now
             cache = files_of()
-            for de in d.regular:
-                name = de.name.encode(fs_encoding, fs_errors)
+            for sname in d.regular:
+                name = sname.encode(fs_encoding, fs_errors)
                 d.hits.append((name, cache[prefix + name]))
         entries = d.entries
         entries.extend([Entry(name, FILE, c[5], c[2], c[6]) for name, c in d.hits])
