@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import xxhash
 
@@ -98,8 +98,9 @@ def _decompress(payload: bytes, size: int) -> bytes:
         raise ValueError(f"undecodable: {exc}") from exc
 
 
-@dataclass(frozen=True, slots=True)
-class Seal:
+# NamedTuples, not frozen dataclasses: every command imports this, and defining a
+# dataclass costs ~0.4 ms (it compiles its methods); a NamedTuple ~0.07 ms.
+class Seal(NamedTuple):
     dev: int
     ino: int
     size: int
@@ -111,8 +112,7 @@ class Seal:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-@dataclass(frozen=True, slots=True)
-class Where:
+class Where(NamedTuple):
     """Where an object's bytes live: a loose file, or a slice of a pack."""
 
     path: Path
@@ -123,8 +123,7 @@ class Where:
     compressed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Ingested:
+class Ingested(NamedTuple):
     oid: Oid
     size: int  # bytes of content behind oid (the file may have grown since it was listed)
     stored: int  # bytes of disk this ingest added to the store

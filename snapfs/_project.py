@@ -54,8 +54,9 @@ from ._watch import (
 )
 
 STATE_DIR = ".snapfs"
-_LATEST = re.compile(r"^latest(?:~(\d+))?$")
-_DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
+# Patterns as text: re compiles (and caches) them on first use, not at every import.
+_LATEST = r"^latest(?:~(\d+))?$"
+_DURATION = r"^(\d+)\s*([smhdw])$"
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -133,7 +134,7 @@ class GcReport:
 
 
 def parse_duration(text: str) -> float:
-    m = _DURATION.match(text.strip().lower())
+    m = re.match(_DURATION, text.strip().lower())
     if not m:
         raise UsageError(f"Not a duration: {text!r} (use e.g. 30m, 12h, 7d, 2w).")
     return int(m.group(1)) * _UNIT_S[m.group(2)]
@@ -275,7 +276,7 @@ class Project:
         """A snapshot by number, ``latest`` or ``latest~N``."""
         text = str(ref).strip()
         rows = None
-        m = _LATEST.match(text)
+        m = re.match(_LATEST, text)
         if m:
             rows = self.state.snapshots()
             n = int(m.group(1) or 0)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,8 +55,9 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
-@dataclass(frozen=True)
-class Hint:
+# A NamedTuple, not a frozen dataclass: every command imports this, and defining a
+# dataclass costs ~0.4 ms (it compiles its methods); a NamedTuple ~0.07 ms.
+class Hint(NamedTuple):
     """A change journal's proven account since tree ``base``: only ``dirty_dirs`` can differ.
 
     Directories in ``new_dirs`` appeared meanwhile and are walked in full (a journal can miss

@@ -10,8 +10,8 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ._errors import DiskFull, FilesystemError, SnapfsError, StateCorrupt
 from ._hashing import Oid
@@ -96,8 +96,9 @@ def connect(path: Path, schema: str) -> sqlite3.Connection:
     return db
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotRow:
+# NamedTuples, not frozen dataclasses: every command imports this, and defining a
+# dataclass costs ~0.4 ms (it compiles its methods); a NamedTuple ~0.07 ms.
+class SnapshotRow(NamedTuple):
     id: int
     created: float
     label: str
@@ -110,8 +111,7 @@ class SnapshotRow:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class TxnRow:
+class TxnRow(NamedTuple):
     id: int
     label: str
     parent: int | None

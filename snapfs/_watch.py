@@ -16,8 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # the journal (and watchdog) load only when a watcher is in play
     from ._journal import Touched
@@ -30,8 +29,9 @@ MARK_KEY = (
 POLL_S = 0.003
 
 
-@dataclass(frozen=True)
-class Mark:
+# A NamedTuple, not a frozen dataclass: every command imports this, and defining a
+# dataclass costs ~0.4 ms (it compiles its methods); a NamedTuple ~0.07 ms.
+class Mark(NamedTuple):
     run: str
     seq: int
 
