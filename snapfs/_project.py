@@ -40,7 +40,16 @@ from ._ignore import Ignore
 from ._index import CacheEntry
 from ._lock import Lock
 from ._objects import ObjectStore
-from ._scan import RACY_NS, Hint, Progress, ProgressFn, ScanResult, no_progress, scan
+from ._scan import (
+    RACY_NS,
+    Hint,
+    Progress,
+    ProgressFn,
+    ScanResult,
+    is_racy,
+    no_progress,
+    scan,
+)
 from ._state import KINDS, ProjectState, SnapshotRow
 from ._threads import executor
 from ._tree import Entry, Kind, decode, encode, tree_oid
@@ -891,7 +900,9 @@ class Project:
                 if age >= RACY_NS:
                     break
                 time.sleep((RACY_NS - age) / 1e9)
-            racy = st.st_mtime_ns % 1_000_000_000 == 0  # coarse clock: let a scan re-check
+            racy = is_racy(
+                st, time.time_ns()
+            )  # a coarse clock's tick is longer: let a scan re-check
             entry = CacheEntry(
                 st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode, oid, racy
             )

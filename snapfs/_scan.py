@@ -198,10 +198,20 @@ def _cache_entry(st: os.stat_result, mode: int, oid: Oid, racy: bool) -> CacheEn
     )
 
 
+def _recent(ns: int, start_ns: int) -> bool:
+    # A whole-second timestamp may come from a filesystem with a coarse clock: wider margin.
+    return ns >= start_ns - (RACY_COARSE_NS if ns % 1_000_000_000 == 0 else RACY_NS)
+
+
 def is_racy(st: os.stat_result, start_ns: int) -> bool:
-    latest = max(st.st_mtime_ns, st.st_ctime_ns)
-    margin = RACY_COARSE_NS if st.st_mtime_ns % 1_000_000_000 == 0 else RACY_NS
-    return latest >= start_ns - margin
+    """Could a change in the same clock tick as ``st`` have left it unchanged?
+
+    Each timestamp is judged by its own granularity: an mtime of a whole second is common on
+    a fine-grained filesystem (set by tar, cp -p, an unpacker), and taking it as a sign of a
+    coarse clock for ctime as well made such files racy, and re-hashed, for 2 s after any
+    change to them.
+    """
+    return _recent(st.st_mtime_ns, start_ns) or _recent(st.st_ctime_ns, start_ns)
 
 
 def scan(
