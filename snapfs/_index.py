@@ -31,6 +31,7 @@ import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import starmap
 from pathlib import Path
 from typing import NamedTuple
 
@@ -166,15 +167,15 @@ def save_index(path: Path, files: Index, dirs: DirIndex | None = None, rules: by
     """Replace the index atomically. No fsync: losing it to a power cut only costs re-hashing."""
     dirs = dirs or {}
     fpaths, dpaths = sorted(files), sorted(dirs)
-    pack = RECORD.pack
+    # starmap and join: no Python-level loop over the records (22k for a 20k-file project).
     dirs_section = b"".join(
-        [*(DIR_RECORD.pack(*dirs[p]) for p in dpaths), *(p + b"\0" for p in dpaths)]
+        [*starmap(DIR_RECORD.pack, [dirs[p] for p in dpaths]), *(p + b"\0" for p in dpaths)]
     )
     body = b"".join(
         [
             dirs_section,
-            *(pack(*files[p][:7], int(files[p][7])) for p in fpaths),
-            *(p + b"\0" for p in fpaths),
+            *starmap(RECORD.pack, [files[p] for p in fpaths]),  # racy packs as 0/1
+            b"\0".join(fpaths) + b"\0" if fpaths else b"",
         ]
     )
     rules = rules.ljust(16, b"\0")[:16]
