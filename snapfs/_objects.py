@@ -28,7 +28,6 @@ import shutil
 import stat
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -131,8 +130,7 @@ class Ingested(NamedTuple):
     racy: bool  # the file changed while being read: don't trust its stat next time
 
 
-@dataclass(frozen=True)
-class SweepReport:
+class SweepReport(NamedTuple):
     objects: int
     freed: int
 
