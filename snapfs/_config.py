@@ -13,7 +13,7 @@ from typing import Any
 from ._errors import UsageError
 from ._fsops import LinkMode
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE = r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$"  # compiled (and cached) by re on first use
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -25,7 +25,7 @@ def parse_size(value: str | int) -> int:
         return value
     if not isinstance(value, str):
         raise UsageError(f"Not a size: {value!r} (use bytes or a suffix like 64MiB).")
-    m = _SIZE.match(value)
+    m = re.match(_SIZE, value, re.IGNORECASE)
     if not m:
         raise UsageError(f"Not a size: {value!r} (use bytes or a suffix like 64MiB).")
     unit = (m.group(2) or "").upper()[:1]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import sqlite3
@@ -59,14 +58,14 @@ from ._errors import (
     from_oserror,
 )
 from ._fsops import DIR_FLAGS, open_parent, start_writeback
-from ._hosts import HostBook
-from ._retry import RetryBudget, RetryPolicy, parse_retry_after
 from ._state import from_sqlite
 
 if TYPE_CHECKING:
     import requests
 
+    from ._hosts import HostBook
     from ._project import Project
+    from ._retry import RetryBudget, RetryPolicy
 
 READ = 1 << 20  # bytes per socket read and per disk read
 MAX_SEGMENT = 256 << 20  # the longest range asked for in one request
@@ -83,8 +82,17 @@ CREATE TABLE IF NOT EXISTS extents (
     start INTEGER PRIMARY KEY, length INTEGER NOT NULL, xxh BLOB NOT NULL, source TEXT NOT NULL
 );
 """
-_HTML = re.compile(rb"^\s*(<!doctype html|<html|<head|<body|<\?xml)", re.IGNORECASE)
-_CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$|^bytes\s+\*/(\d+)$")
+
+
+def _sha256() -> Any:
+    import hashlib  # on first use: OpenSSL's initialisation costs every command ~2 ms
+
+    return hashlib.sha256()
+
+
+# Patterns as text: re compiles (and caches) them on first use, not at import.
+_HTML = rb"^\s*(<!doctype html|<html|<head|<body|<\?xml)"
+_CONTENT_RANGE = r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$|^bytes\s+\*/(\d+)$"
 
 
 # ---- public values --------------------------------------------------------------------------
@@ -154,7 +162,7 @@ def name_from_url(url: str) -> str:
 
 def parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
     """``bytes a-b/N`` -> (a, b + 1, N); ``bytes */N`` -> (None, None, N); junk -> Nones."""
-    m = _CONTENT_RANGE.match((value or "").strip())
+    m = re.match(_CONTENT_RANGE, (value or "").strip())
     if not m:
         return None, None, None
     if m.group(4) is not None:
@@ -175,7 +183,9 @@ def _looks_like_page(content_type: str, head: bytes, dest_name: str) -> str | No
     """Why this body is an error page rather than the file, or None."""
     suffix = dest_name.rsplit(".", 1)[-1].lower() if "." in dest_name else ""
     ctype = content_type.split(";", 1)[0].strip().lower()
-    if suffix not in ("html", "htm", "xhtml") and (ctype == "text/html" or _HTML.match(head)):
+    if suffix not in ("html", "htm", "xhtml") and (
+        ctype == "text/html" or re.match(_HTML, head, re.IGNORECASE)
+    ):
         return "a web page (perhaps a login or captive portal)"
     if suffix != "json" and ctype in ("application/json", "application/problem+json"):
         return "a JSON message (perhaps an error)"
@@ -461,13 +471,16 @@ class _Download:
         self.hosts = hosts
         self.progress = progress
         self.expected = expected
-        self.policy = RetryPolicy(
+        # Loaded with the first download: no other command needs retries or host health.
+        from ._retry import RetryBudget, RetryPolicy
+
+        self.policy: RetryPolicy = RetryPolicy(
             base=config.retry_base,
             cap=config.retry_cap,
             retry_after_max=config.retry_after_max,
             attempts=config.retry_attempts,
         )
-        self.budget = RetryBudget(self.policy)
+        self.budget: RetryBudget = RetryBudget(self.policy)
         self.plan = _Plan(config.download_chunk)
         self.last_error = ""
         self.fetched = 0
@@ -941,6 +954,8 @@ class _Download:
                     raise _Changed(total, _validator(resp))
                 raise _Transient("HTTP 416 for a range inside the file")
             if status == 429 or status >= 500:
+                from ._retry import parse_retry_after
+
                 ra = parse_retry_after(resp.headers.get("Retry-After"))
                 raise _Transient(f"HTTP {status}", ra)
             if status not in (200, 206):
@@ -1181,7 +1196,7 @@ class _Download:
             while True:
                 with plan.cond:
                     gen = plan.generation
-                sha, whole = hashlib.sha256(), xxhash.xxh3_128()
+                sha, whole = _sha256(), xxhash.xxh3_128()
                 pos = 0
                 while True:
                     with plan.cond:
@@ -1339,7 +1354,7 @@ class _Download:
 
     def _verify_with(self, swaps: list[tuple[_Extent, bytes, str]]) -> bool:
         sub = {ext.start: data for ext, data, _s in swaps}
-        sha, whole = hashlib.sha256(), xxhash.xxh3_128()
+        sha, whole = _sha256(), xxhash.xxh3_128()
         for ext in sorted(self.plan.extents.values(), key=lambda e: e.start):
             data = sub.get(ext.start)
             if data is not None:
@@ -1454,6 +1469,8 @@ def _plain_config(env: dict[str, str] | None, overrides: dict[str, Any]) -> Conf
 
 
 def _hosts_for(config: Config) -> HostBook:
+    from ._hosts import HostBook
+
     state = config.state_dir or Path.home() / ".local" / "state" / "snapfs"
     return HostBook(
         state / "hosts.db",
@@ -1463,7 +1480,7 @@ def _hosts_for(config: Config) -> HostBook:
 
 
 def _hash_file(path: Path) -> tuple[str, str, int]:
-    sha, whole, n = hashlib.sha256(), xxhash.xxh3_128(), 0
+    sha, whole, n = _sha256(), xxhash.xxh3_128(), 0
     with open(path, "rb", buffering=0) as f:
         while block := f.read(4 * READ):
             sha.update(block)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import UsageError
+from ._hashing import Oid, hash_bytes
 
 IGNORE_FILE = ".snapfsignore"
 STATE_DIR = b".snapfs"
@@ -20,6 +21,10 @@ class Ignore:
     def __init__(self, lines: list[str]) -> None:
         self._lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         self._spec: Any = None
+        # Names what the rules are, for caches of results that depend on them.
+        self.fingerprint: Oid = hash_bytes(
+            "\n".join(["snapfs-ignore-1", *lines]).encode("utf-8", "surrogateescape")
+        )
         if not self._lines:
             return
         import pathspec  # only when there are rules: it is slow to import

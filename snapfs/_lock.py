@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +62,7 @@ class Lock:
             os.close(fd)
             raise
         if not shared:
-            info = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}"
+            info = f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%H:%M:%S')}"
             if purpose:
                 info += f": {purpose}"
             os.ftruncate(fd, 0)

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import shutil
 import stat
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import xxhash
 
@@ -99,8 +97,9 @@ def _decompress(payload: bytes, size: int) -> bytes:
         raise ValueError(f"undecodable: {exc}") from exc
 
 
-@dataclass(frozen=True, slots=True)
-class Seal:
+# NamedTuples, not frozen dataclasses: every command imports this, and defining a
+# dataclass costs ~0.4 ms (it compiles its methods); a NamedTuple ~0.07 ms.
+class Seal(NamedTuple):
     dev: int
     ino: int
     size: int
@@ -112,8 +111,7 @@ class Seal:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-@dataclass(frozen=True, slots=True)
-class Where:
+class Where(NamedTuple):
     """Where an object's bytes live: a loose file, or a slice of a pack."""
 
     path: Path
@@ -124,8 +122,7 @@ class Where:
     compressed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Ingested:
+class Ingested(NamedTuple):
     oid: Oid
     size: int  # bytes of content behind oid (the file may have grown since it was listed)
     stored: int  # bytes of disk this ingest added to the store
@@ -133,8 +130,7 @@ class Ingested:
     racy: bool  # the file changed while being read: don't trust its stat next time
 
 
-@dataclass(frozen=True)
-class SweepReport:
+class SweepReport(NamedTuple):
     objects: int
     freed: int
 
@@ -525,7 +521,7 @@ class ObjectStore:
             self.db.executemany("DELETE FROM seals WHERE oid = ?", ((o,) for o in stale))
 
     def _repack(self, pack: str, keep: list[tuple[Oid, int, int, bool]], dead: list[Oid]) -> None:
-        work = self.tmp / f"{os.getpid()}-gc-{secrets.token_hex(4)}"
+        work = self.tmp / f"{os.getpid()}-gc-{os.urandom(4).hex()}"
         work.mkdir(parents=True)
         writer = PackWriter(work)
         src = os.open(self.packs / pack, os.O_RDONLY | os.O_CLOEXEC)
@@ -555,7 +551,7 @@ class PackWriter:
     """Appends payloads to a new pack in a temp dir. Thread-safe. Published by rename."""
 
     def __init__(self, directory: Path) -> None:
-        self.name = f"{secrets.token_hex(12)}.pack"
+        self.name = f"{os.urandom(12).hex()}.pack"
         self.path = directory / self.name
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, OBJ_MODE)
         write_all(self.fd, PACK_MAGIC)
@@ -593,7 +589,8 @@ class IngestBatch:
         self.store = store
         self.config = store.config
         store.tmp.mkdir(exist_ok=True)
-        self.dir = store.tmp / f"{os.getpid()}-{secrets.token_hex(4)}"
+        # os.urandom, not secrets: importing secrets loads OpenSSL, ~3 ms on every command.
+        self.dir = store.tmp / f"{os.getpid()}-{os.urandom(4).hex()}"
         self.dir.mkdir()
         self._loose: dict[Oid, tuple[Path, Seal | None]] = {}
         self._packed: dict[Oid, tuple[int, int, int, bool]] = {}

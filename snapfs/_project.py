@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._restore import Intent, Op
     from ._txn import Transaction
 
 from ._config import Config, load_config
@@ -40,8 +41,16 @@ from ._ignore import Ignore
 from ._index import CacheEntry
 from ._lock import Lock
 from ._objects import ObjectStore
-from ._restore import Intent, Op, apply_restore, finish, plan_restore, read_intent
-from ._scan import RACY_NS, Hint, Progress, ProgressFn, ScanResult, no_progress, scan
+from ._scan import (
+    RACY_NS,
+    Hint,
+    Progress,
+    ProgressFn,
+    ScanResult,
+    is_racy,
+    no_progress,
+    scan,
+)
 from ._state import KINDS, ProjectState, SnapshotRow
 from ._threads import executor
 from ._tree import Entry, Kind, decode, encode, tree_oid
@@ -55,8 +64,9 @@ from ._watch import (
 )
 
 STATE_DIR = ".snapfs"
-_LATEST = re.compile(r"^latest(?:~(\d+))?$")
-_DURATION = re.compile(r"^(\d+)\s*([smhdw])$")
+# Patterns as text: re compiles (and caches) them on first use, not at every import.
+_LATEST = r"^latest(?:~(\d+))?$"
+_DURATION = r"^(\d+)\s*([smhdw])$"
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -134,7 +144,7 @@ class GcReport:
 
 
 def parse_duration(text: str) -> float:
-    m = _DURATION.match(text.strip().lower())
+    m = re.match(_DURATION, text.strip().lower())
     if not m:
         raise UsageError(f"Not a duration: {text!r} (use e.g. 30m, 12h, 7d, 2w).")
     return int(m.group(1)) * _UNIT_S[m.group(2)]
@@ -276,7 +286,7 @@ class Project:
         """A snapshot by number, ``latest`` or ``latest~N``."""
         text = str(ref).strip()
         rows = None
-        m = _LATEST.match(text)
+        m = re.match(_LATEST, text)
         if m:
             rows = self.state.snapshots()
             n = int(m.group(1) or 0)
@@ -307,14 +317,16 @@ class Project:
         self, progress: ProgressFn, hint: Hint | None = None, *, lazy_added: bool = False
     ) -> ScanResult:
         # Nothing read-only scans build is stored, so files in new directories need not be read.
+        ignore = Ignore.load(self.root)
         return scan(
             self.root,
-            ignore=Ignore.load(self.root),
-            cache=self.state.load_cache(),
+            ignore=ignore,
+            cache=self.state.file_records(),
             batch=None,
             workers=self.config.workers,
             progress=progress,
             hint=hint,
+            dirs=self.state.load_dir_cache(ignore.fingerprint),
         )
 
     def _inline_max(self) -> int:
@@ -394,21 +406,26 @@ class Project:
         try:
             batch = self.store.batch()
             try:
+                ignore = Ignore.load(self.root)
                 res = scan(
                     self.root,
-                    ignore=Ignore.load(self.root),
-                    cache=self.state.load_cache(),
+                    ignore=ignore,
+                    cache=self.state.file_records(),
                     batch=batch,
                     workers=self.config.workers,
                     inline_max=self._inline_max(),
                     progress=progress,
                     hint=hint,
+                    dirs=self.state.load_dir_cache(ignore.fingerprint),
                 )
+                # Recorded with the stat cache, once the trees they name are stored.
+                dirs = (ignore.fingerprint, res.dirs) if res.dirs is not None else None
                 if base is not None:  # a journal-guided scan read only part of the tree
                     res.files, res.nbytes = _totals(self._overlay(res.trees), base, res.root)
                 if skip_if_root is not None and res.root == skip_if_root:
                     batch.abort()
-                    self.state.update_cache(res.cache_updates, res.cache_deletes)
+                    # Every tree of this scan is one of HEAD's, so already stored.
+                    self.state.update_cache(res.cache_updates, res.cache_deletes, dirs)
                     if mark is not None and self.state.head is not None:
                         remember_mark(self, mark, self.state.head)
                     return None, res.root
@@ -429,6 +446,7 @@ class Project:
                 seconds=time.monotonic() - t0,
                 cache_updates=res.cache_updates,
                 cache_deletes=res.cache_deletes,
+                dirs=dirs,
                 set_head=set_head,
             )
             if mark is not None:
@@ -464,6 +482,8 @@ class Project:
     ) -> RestoreResult:
         """Make the working tree exactly equal to snapshot ``ref``. Undo with the pre-restore id."""
         if dry_run:
+            from ._restore import plan_restore
+
             target = self.resolve(ref)
             cur = self._scan_readonly(progress)
             plan = plan_restore(self._overlay(cur.trees), cur.root, target.root)
@@ -583,6 +603,8 @@ class Project:
         staging: str = "",
     ) -> list[Op]:
         """Plan and apply the restore from tree ``current`` to ``target`` (lock held)."""
+        from ._restore import Intent, apply_restore, plan_restore  # only restores need them
+
         keep = self._keeper(preserve)
         plan = plan_restore(load, current, target.root, keep if preserve else None)
         intent = Intent(
@@ -621,6 +643,8 @@ class Project:
                     q = q.rpartition(b"/")[0]
         self.state.update_cache(puts, gone - {p for p, _ in puts})
         self.state.set_meta("head", str(intent.target))
+        from ._restore import finish
+
         finish(self.state_dir, intent)
 
     # ---- recovery -----------------------------------------------------------------------
@@ -712,7 +736,12 @@ class Project:
             return "\n".join(d for d in done if d) or "Nothing to recover."
 
     def _recover_locked(self, progress: ProgressFn = no_progress) -> str | None:
-        intent = read_intent(self.state_dir / "intent.json")
+        path = self.state_dir / "intent.json"
+        intent = None
+        if path.exists():  # the restore machinery loads only when there is work for it
+            from ._restore import read_intent
+
+            intent = read_intent(path)
         if intent is None:
             self._sweep_staging()
             return None
@@ -884,7 +913,9 @@ class Project:
                 if age >= RACY_NS:
                     break
                 time.sleep((RACY_NS - age) / 1e9)
-            racy = st.st_mtime_ns % 1_000_000_000 == 0  # coarse clock: let a scan re-check
+            racy = is_racy(
+                st, time.time_ns()
+            )  # a coarse clock's tick is longer: let a scan re-check
             entry = CacheEntry(
                 st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode, oid, racy
             )
@@ -927,7 +958,15 @@ class Project:
     def _sweep(self, kept: list[SnapshotRow], doomed: list[int], dry_run: bool) -> GcReport:
         live_trees: set[Oid] = set()
         live_objects = self.state.cache_oids()
-        _mark(self._load(), [r.root for r in kept], live_trees, live_objects)
+        load = self._load()
+        _mark(load, [r.root for r in kept], live_trees, live_objects)
+        # The directory records' trees too: the next scan may reuse them unread.
+        reusable = self.state.dir_cache_trees() - live_trees
+        if any(load(t) is None for t in reusable):  # can't be trusted: let scans rebuild them
+            if not dry_run:
+                self.state.update_cache([], [], dirs=(b"", {}))
+        else:
+            _mark(load, list(reusable), live_trees, live_objects)
         for root, db in self.store.projects():
             if root == self.root:
                 continue

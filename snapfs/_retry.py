@@ -8,7 +8,6 @@ hundred times and still finish, as long as each failure is followed by verified 
 
 from __future__ import annotations
 
-import email.utils
 import random
 import re
 import time
@@ -45,6 +44,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if re.fullmatch(r"[0-9]{1,12}", value):  # ASCII digits only: '²'.isdigit() is True
         return float(int(value))
     try:
+        import email.utils  # on first use: it pulls in socket, calendar and more
+
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None

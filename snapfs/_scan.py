@@ -10,12 +10,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +26,7 @@ from ._errors import ProjectPathError, SnapfsError, from_oserror
 from ._fsops import DIR_FLAGS, READ_FLAGS, stat_changed
 from ._hashing import Oid, hash_bytes, hash_fd, read_all
 from ._ignore import STATE_DIR
-from ._index import CacheEntry
+from ._index import CacheEntry, DirIndex, DirRecord, FileRecords, Index, paused_gc
 from ._objects import IngestBatch, Ingested
 from ._threads import executor
 from ._tree import Entry, Kind, decode, encode, tree_oid
@@ -33,6 +35,8 @@ from ._tree import Entry, Kind, decode, encode, tree_oid
 # haven't seen (the "racy clean" problem): such cache entries are re-hashed next time.
 _IFMT = 0o170000
 _IFDIR = stat.S_IFDIR
+_IFREG = stat.S_IFREG
+_IFLNK = stat.S_IFLNK
 RACY_NS = 20_000_000
 RACY_COARSE_NS = 2_000_000_000  # filesystems with whole-second timestamps
 MAX_OPEN = 128  # files opened by the walker and not yet hashed
@@ -51,8 +55,9 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
-@dataclass(frozen=True)
-class Hint:
+# A NamedTuple, not a frozen dataclass: every command imports this, and defining a
+# dataclass costs ~0.4 ms (it compiles its methods); a NamedTuple ~0.07 ms.
+class Hint(NamedTuple):
     """A change journal's proven account since tree ``base``: only ``dirty_dirs`` can differ.
 
     Directories in ``new_dirs`` appeared meanwhile and are walked in full (a journal can miss
@@ -100,6 +105,7 @@ class ScanResult:
     cache_updates: list[tuple[bytes, CacheEntry]] = field(default_factory=list)
     cache_deletes: list[bytes] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    dirs: DirIndex | None = None  # directory records for every directory built (see scan)
 
 
 class _Pending:
@@ -139,11 +145,42 @@ class _Pending:
 class _Frame:
     __slots__ = ("fd", "relpath", "subdirs", "i")
 
-    def __init__(self, fd: int, relpath: bytes, subdirs: list[tuple[bytes, int]]) -> None:
+    def __init__(
+        self, fd: int, relpath: bytes, subdirs: list[tuple[bytes, os.stat_result]]
+    ) -> None:
         self.fd = fd
         self.relpath = relpath
         self.subdirs = subdirs
         self.i = 0
+
+
+class _Dir:
+    """What listing one directory found, kept until its tree is built (children first)."""
+
+    __slots__ = (
+        "entries",
+        "hits",
+        "subdirs",
+        "regular",
+        "regular_st",
+        "order",
+        "files",
+        "st",
+        "cached",
+        "clean",
+    )
+
+    def __init__(self, st: os.stat_result | None, cached: Oid | None) -> None:
+        self.entries: list[Entry] = []  # complete entries: symlinks, files hashed inline
+        self.hits: list[tuple[bytes, CacheEntry]] = []  # files the stat cache vouches for
+        self.subdirs: list[tuple[bytes, int]] = []  # (name, mode); their trees come later
+        self.regular: list[str] = []  # names of the regular files, in listing order
+        self.regular_st: list[os.stat_result] = []  # and their lstat, until they are handled
+        self.order: list[CacheEntry | _Pending] = []  # their cache entries, listing order
+        self.files = b""  # the files' key, when the directory record vouched for them all
+        self.st = st  # the directory's own stat, taken before it was listed
+        self.cached = cached  # its tree oid, if its directory record matches that stat
+        self.clean = True  # every entry is as the stat cache has it (files) or unread (dirs)
 
 
 def _join(parent: bytes, name: bytes) -> bytes:
@@ -161,17 +198,27 @@ def _cache_entry(st: os.stat_result, mode: int, oid: Oid, racy: bool) -> CacheEn
     )
 
 
+def _recent(ns: int, start_ns: int) -> bool:
+    # A whole-second timestamp may come from a filesystem with a coarse clock: wider margin.
+    return ns >= start_ns - (RACY_COARSE_NS if ns % 1_000_000_000 == 0 else RACY_NS)
+
+
 def is_racy(st: os.stat_result, start_ns: int) -> bool:
-    latest = max(st.st_mtime_ns, st.st_ctime_ns)
-    margin = RACY_COARSE_NS if st.st_mtime_ns % 1_000_000_000 == 0 else RACY_NS
-    return latest >= start_ns - margin
+    """Could a change in the same clock tick as ``st`` have left it unchanged?
+
+    Each timestamp is judged by its own granularity: an mtime of a whole second is common on
+    a fine-grained filesystem (set by tar, cp -p, an unpacker), and taking it as a sign of a
+    coarse clock for ctime as well made such files racy, and re-hashed, for 2 s after any
+    change to them.
+    """
+    return _recent(st.st_mtime_ns, start_ns) or _recent(st.st_ctime_ns, start_ns)
 
 
 def scan(
     root: Path,
     *,
     ignore: Callable[[bytes], bool],
-    cache: dict[bytes, CacheEntry],
+    cache: Index | FileRecords,
     batch: IngestBatch | None,
     workers: int = 4,
     inline_max: int = 1 << 20,
@@ -179,6 +226,7 @@ def scan(
     hint: Hint | None = None,
     lazy_new: bool = False,
     lazy_added: bool = False,
+    dirs: DirIndex | None = None,
 ) -> ScanResult:
     """Build the tree objects for ``root``. With ``batch`` new content is stored, else only hashed.
 
@@ -188,6 +236,13 @@ def scan(
     ``lazy_new`` (never when storing), files inside the hint's new directories are not read at
     all: they get a placeholder oid. Comparing with the base only needs their names there.
     ``lazy_added`` goes further for a rollback to the base: no file absent from the base is read.
+
+    ``dirs`` (directory records, see ``_index``) lets a full walk (no ``hint``) skip building
+    the tree of a directory whose own stat matches its record, whose files all match the stat
+    cache and whose subdirectories all qualify in turn: the directory's names are then the same
+    (any create, delete or rename in it moves its ctime), and so are its entries. Every file is
+    still lstat-ed: writing a file in place does not touch its directory. A full walk with
+    ``dirs`` returns fresh records in ``result.dirs``.
     """
     descend = hint.descend_set() if hint is not None else set()
     if hint is not None and not hint.everything and b"" not in descend:
@@ -200,19 +255,26 @@ def scan(
         raise from_oserror(exc, "Reading the project", root) from exc
     start_ns = time.time_ns()
     check_ignore = bool(ignore)  # an Ignore with no rules is falsy: skip a call per file
-    # dir relpath -> its entries (complete Entry, a _Pending file, or a subdir placeholder)
-    listing: dict[bytes, list[Entry | _Pending | tuple[bytes, int]]] = {}
+    listing: dict[bytes, _Dir] = {}
     postorder: list[bytes] = []
     pool: ThreadPoolExecutor | None = None
     gate = threading.BoundedSemaphore(MAX_OPEN)
     result = ScanResult(root=b"", trees={})
     seen: set[bytes] = set()
-    fsencode = os.fsencode
     seen_add = seen.add
+    fs_encoding, fs_errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+    state_dir = os.fsdecode(STATE_DIR)
     FILE = Kind.FILE
-    counter = 0
+    counter = 0  # regular files listed
+    nbytes = 0
+    known = 0  # listed files that have a cache entry
     listed: set[bytes] = set()
+    vouched: set[bytes] = set()  # directories whose files a directory record vouched for
+    files_of = cache.data if isinstance(cache, FileRecords) else lambda: cache
+    ncached = len(cache)
     base_of: dict[bytes, Oid] = {b"": hint.base} if hint is not None else {}
+    use_dirs = dirs is not None and hint is None
+    get_dir = (dirs or {}).get
 
     def base_entries(rel: bytes) -> dict[bytes, Entry]:
         oid = base_of.get(rel)
@@ -233,31 +295,71 @@ def scan(
                 os.close(link_src[0])
             gate.release()
 
-    def list_dir(fd: int, rel: bytes) -> list[tuple[bytes, int]]:
-        nonlocal pool, counter
-        items: list[Entry | _Pending | tuple[bytes, int]] = []
-        subdirs: list[tuple[bytes, int]] = []
+    def list_dir(
+        fd: int, rel: bytes, listed_as: os.stat_result | None
+    ) -> list[tuple[bytes, os.stat_result]]:
+        """List one directory into ``listing[rel]``; returns the subdirectories to descend
+        with their lstat. ``listed_as`` is the lstat its parent's listing saw (None: root)."""
+        nonlocal counter, nbytes, known
+        rec: DirRecord | None = None
+        dst = None
+        if use_dirs:
+            dst = os.fstat(fd)
+            # The parent's tree records this directory's mode as its listing saw it; only a
+            # record taken from that same stat can stand for it (a chmod in between differs).
+            if listed_as is not None and not _same_dir_stat(listed_as, dst):
+                dst = None  # neither trusted nor recorded
+            e = get_dir(rel) if dst is not None else None
+            if (
+                e is not None
+                and dst is not None
+                and e[1] == dst.st_ino
+                and e[4] == dst.st_ctime_ns
+                and e[3] == dst.st_mtime_ns
+                and e[2] == dst.st_size
+                and e[0] == dst.st_dev
+            ):
+                rec = e
+        d = _Dir(dst, rec[6] if rec is not None else None)
+        entries, subdirs = d.entries, d.subdirs
+        regular, regular_st = d.regular, d.regular_st
+        # With a matching record, the files' stats are checked all at once (see _files_key).
+        keys: list[int] | None = [] if rec is not None and rec[7] else None
+        size = 0
+        descend_into: list[tuple[bytes, os.stat_result]] = []
         try:
             it = os.scandir(fd)
         except OSError as exc:
             raise from_oserror(exc, "Reading the project", root / os.fsdecode(rel)) from exc
         prefix = rel + b"/" if rel else b""
-        get_cached = cache.get
         listed.add(rel)
         base = base_entries(rel) if hint is not None else {}
-        unread = lazy_new and hint is not None and hint.is_new(rel)
+        # The hottest loop of a no-change snapshot: one iteration per entry of the project.
+        # Locals, inline type tests and tuple indexing keep it close to a bare scandir + lstat.
         with it:
             for de in it:
-                name = fsencode(de.name)
-                if name == STATE_DIR:
+                sname = de.name
+                if sname == state_dir:
                     continue  # snapfs state (this project's or a nested one's) is never snapshotted
-                relpath = prefix + name
                 try:
                     st = de.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # vanished between listing and stat: not part of this snapshot
                 m = st.st_mode
-                if m & _IFMT == _IFDIR:
+                fmt = m & _IFMT
+                if fmt == _IFREG:
+                    if check_ignore and ignore(prefix + sname.encode(fs_encoding, fs_errors)):
+                        continue
+                    regular.append(sname)
+                    if keys is not None:  # only the digest's ints are kept, not the stat
+                        keys += (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                        size += st.st_size
+                    else:
+                        regular_st.append(st)
+                    continue
+                name = sname.encode(fs_encoding, fs_errors)
+                relpath = prefix + name
+                if fmt == _IFDIR:
                     if check_ignore and ignore(relpath + b"/"):
                         continue
                     if hint is not None:
@@ -269,125 +371,158 @@ def scan(
                                 and not hint.is_new(relpath)
                             ):
                                 # Untouched since the base: reuse its subtree unread.
-                                items.append(Entry(name, Kind.DIR, stat.S_IMODE(m), 0, old.oid))
+                                d.clean = False
+                                entries.append(Entry(name, Kind.DIR, m & 0o7777, 0, old.oid))
                                 continue
                             base_of[relpath] = old.oid
-                    subdirs.append((name, stat.S_IMODE(m)))
-                    items.append((name, stat.S_IMODE(m)))
+                    subdirs.append((name, m & 0o7777))
+                    descend_into.append((name, st))
                     continue
                 if check_ignore and ignore(relpath):
                     continue
-                if stat.S_ISLNK(m):
+                if fmt == _IFLNK:
                     try:
                         target = os.readlink(name, dir_fd=fd)
                     except FileNotFoundError:
                         continue
-                    items.append(Entry(name, Kind.LINK, stat.S_IMODE(m), 0, b"", target))
+                    entries.append(Entry(name, Kind.LINK, m & 0o7777, 0, b"", target))
                     continue
-                if not stat.S_ISREG(m):
-                    result.skipped.append((os.fsdecode(relpath), "not a regular file"))
-                    continue
-                counter += 1
-                if counter % 2048 == 0:
-                    progress(Progress("scan", counter, None, os.fsdecode(relpath)))
-                seen_add(relpath)
-                result.files += 1
-                result.nbytes += st.st_size
-                if unread or (lazy_added and hint is not None and name not in base):
-                    # Placeholder content: new since the base (the whole directory, or with
-                    # lazy_added this file), so only its name matters to the caller.
-                    items.append(
-                        Entry(name, FILE, stat.S_IMODE(m), st.st_size, unread_oid(relpath))
-                    )
-                    continue
-                c = get_cached(relpath)
+                result.skipped.append((os.fsdecode(relpath), "not a regular file"))
+        listing[rel] = d
+        n = len(regular)
+        if n and (counter + n) // 2048 != counter // 2048:
+            progress(Progress("scan", counter + n, None, os.fsdecode(rel)))
+        if keys is not None and rec is not None and _files_key(keys) == rec[7]:
+            # Every file has the stat its cache entry had when the record was made, and those
+            # entries still stand (replacing one drops this record): all hits, nothing to read.
+            d.files = rec[7]
+            counter += n
+            known += n
+            nbytes += size
+            vouched.add(rel)
+        else:
+            if keys is not None:  # the stats weren't kept: take them again
+                d.regular = []
+                for sname in regular:
+                    try:
+                        st = os.lstat(sname, dir_fd=fd)
+                    except FileNotFoundError:
+                        continue  # vanished since it was listed
+                    if st.st_mode & _IFMT == _IFREG:  # (else replaced since: left out)
+                        d.regular.append(sname)
+                        regular_st.append(st)
+            list_files(fd, rel, d)
+        return descend_into
+
+    def list_files(fd: int, rel: bytes, d: _Dir) -> None:
+        """Each regular file of a directory: from the stat cache, hashed inline, or pooled."""
+        nonlocal pool, counter, nbytes, known
+        entries, hits, order = d.entries, d.hits, d.order
+        prefix = rel + b"/" if rel else b""
+        get_cached = files_of().get
+        base = base_entries(rel) if hint is not None else {}
+        unread = lazy_new and hint is not None and hint.is_new(rel)
+        clean = d.clean
+        for sname, st in zip(d.regular, d.regular_st, strict=True):
+            name = sname.encode(fs_encoding, fs_errors)
+            relpath = prefix + name
+            m = st.st_mode
+            counter += 1
+            seen_add(relpath)
+            nbytes += st.st_size
+            if unread or (lazy_added and hint is not None and name not in base):
+                # Placeholder content: new since the base (the whole directory, or with
+                # lazy_added this file), so only its name matters to the caller.
+                clean = False
+                entries.append(Entry(name, FILE, m & 0o7777, st.st_size, unread_oid(relpath)))
+                continue
+            c = get_cached(relpath)
+            if c is not None:
+                known += 1
                 if (
-                    c is not None
-                    and c[1] == st.st_ino  # fields by index: this is the hottest loop
+                    c[1] == st.st_ino  # fields by index: this is a hot loop
                     and c[3] == st.st_mtime_ns
                     and c[4] == st.st_ctime_ns
                     and c[2] == st.st_size
                     and c[0] == st.st_dev
                     and not c[7]
                 ):
-                    items.append(Entry(name, FILE, c[5], c[2], c[6]))
+                    hits.append((name, c))
+                    order.append(c)
                     continue
+            clean = False
+            try:
+                ffd = os.open(name, READ_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ELOOP):
+                    counter -= 1
+                    nbytes -= st.st_size
+                    seen.discard(relpath)
+                    if c is not None:
+                        known -= 1
+                    continue  # vanished or replaced by a symlink: gone for this snapshot
+                raise from_oserror(exc, "Reading the project", root / os.fsdecode(relpath)) from exc
+            if st.st_size < inline_max:
+                # Small files are cheaper to handle right here than to hand to a thread.
                 try:
-                    ffd = os.open(name, READ_FLAGS, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOENT, errno.ELOOP):
-                        result.files -= 1
-                        result.nbytes -= st.st_size
-                        seen.discard(relpath)
-                        continue  # vanished or replaced by a symlink: gone for this snapshot
-                    raise from_oserror(
-                        exc, "Reading the project", root / os.fsdecode(relpath)
-                    ) from exc
-                if st.st_size < inline_max:
-                    # Small files are cheaper to handle right here than to hand to a thread.
-                    try:
-                        data = read_all(ffd)
-                        after = os.fstat(ffd)
-                    finally:
-                        os.close(ffd)
-                    oid = hash_bytes(data)
-                    if batch is not None:
-                        batch.add_small(oid, data)
-                    result.hashed += 1
-                    result.nbytes += len(data) - st.st_size  # it may have changed since listed
-                    mode = stat.S_IMODE(m)
-                    items.append(Entry(name, FILE, mode, len(data), oid))
-                    racy = (
-                        stat_changed(st, after)
-                        or len(data) != st.st_size
-                        or is_racy(after, start_ns)
-                    )
-                    result.cache_updates.append((relpath, _cache_entry(after, mode, oid, racy)))
-                    continue
-                gate.acquire()
-                if pool is None:
-                    pool = executor(max_workers=workers, thread_name_prefix="snapfs-scan")
-                # Hardlinking needs the name; the walker's dir fd closes before the job runs.
-                link_src = (
-                    (os.dup(fd), name) if batch is not None and batch.may_hardlink(st) else None
+                    data = read_all(ffd)
+                    after = os.fstat(ffd)
+                finally:
+                    os.close(ffd)
+                oid = hash_bytes(data)
+                if batch is not None:
+                    batch.add_small(oid, data)
+                result.hashed += 1
+                nbytes += len(data) - st.st_size  # it may have changed since listed
+                mode = m & 0o7777
+                entries.append(Entry(name, FILE, mode, len(data), oid))
+                racy = (
+                    stat_changed(st, after) or len(data) != st.st_size or is_racy(after, start_ns)
                 )
-                fut = pool.submit(work, ffd, st, link_src)
-                items.append(_Pending(name, relpath, stat.S_IMODE(m), st, fut, c))
-        listing[rel] = items
-        return subdirs
+                entry = _cache_entry(after, mode, oid, racy)
+                result.cache_updates.append((relpath, entry))
+                order.append(entry)
+                continue
+            gate.acquire()
+            if pool is None:
+                pool = executor(max_workers=workers, thread_name_prefix="snapfs-scan")
+            # Hardlinking needs the name; the walker's dir fd closes before the job runs.
+            link_src = (os.dup(fd), name) if batch is not None and batch.may_hardlink(st) else None
+            fut = pool.submit(work, ffd, st, link_src)
+            pending = _Pending(name, relpath, m & 0o7777, st, fut, c)
+            order.append(pending)
+        d.clean = clean
+        d.regular_st = []  # handled
 
     stack: list[_Frame] = []
     try:
-        stack.append(_Frame(root_fd, b"", list_dir(root_fd, b"")))
-        while stack:
-            top = stack[-1]
-            if top.i < len(top.subdirs):
-                name, _mode = top.subdirs[top.i]
-                top.i += 1
-                child = _join(top.relpath, name)
-                try:
-                    cfd = os.open(name, DIR_FLAGS, dir_fd=top.fd)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-                        listing[top.relpath] = [
-                            x
-                            for x in listing[top.relpath]
-                            if not (isinstance(x, tuple) and x[0] == name)
-                        ]
-                        continue  # vanished or swapped for a symlink mid-walk
-                    raise from_oserror(
-                        exc, "Reading the project", root / os.fsdecode(child)
-                    ) from exc
-                stack.append(_Frame(cfd, child, []))
-                try:
-                    stack[-1].subdirs = list_dir(cfd, child)
-                except BaseException:
-                    raise
-                continue
-            os.close(top.fd)
-            stack.pop()
-            postorder.append(top.relpath)
-        result.root = _build_trees(listing, postorder, result, start_ns)
+        with paused_gc():  # the walk allocates much and makes no reference cycles
+            stack.append(_Frame(root_fd, b"", list_dir(root_fd, b"", None)))
+            while stack:
+                top = stack[-1]
+                if top.i < len(top.subdirs):
+                    name, listed_as = top.subdirs[top.i]
+                    top.i += 1
+                    child = _join(top.relpath, name)
+                    try:
+                        cfd = os.open(name, DIR_FLAGS, dir_fd=top.fd)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                            parent = listing[top.relpath]
+                            parent.subdirs = [x for x in parent.subdirs if x[0] != name]
+                            parent.clean = False
+                            continue  # vanished or swapped for a symlink mid-walk
+                        raise from_oserror(
+                            exc, "Reading the project", root / os.fsdecode(child)
+                        ) from exc
+                    stack.append(_Frame(cfd, child, []))
+                    stack[-1].subdirs = list_dir(cfd, child, listed_as)
+                    continue
+                os.close(top.fd)
+                stack.pop()
+                postorder.append(top.relpath)
+            result.files, result.nbytes = counter, nbytes
+            result.root = _build_trees(listing, postorder, result, start_ns, use_dirs, files_of)
     except BaseException:
         for frame in stack:
             os.close(frame.fd)
@@ -399,61 +534,138 @@ def scan(
         if pool is not None:
             pool.shutdown(wait=True)
     if hint is None:
-        result.cache_deletes = [p for p in cache if p not in seen]
+        # Every relpath is listed once, so when as many listed files had an entry as the cache
+        # holds, every entry was seen and nothing is gone.
+        if known != ncached:  # (a vouched-for directory's files are exactly its entries)
+            result.cache_deletes = [
+                p for p in files_of() if p not in seen and p.rpartition(b"/")[0] not in vouched
+            ]
     else:  # only directories that were read can say a file is gone
         result.cache_deletes = [
-            p for p in cache if p not in seen and p.rpartition(b"/")[0] in listed
+            p for p in files_of() if p not in seen and p.rpartition(b"/")[0] in listed
         ]
     progress(Progress("scan", counter, counter))
     return result
 
 
 def _build_trees(
-    listing: dict[bytes, list[Entry | _Pending | tuple[bytes, int]]],
+    listing: dict[bytes, _Dir],
     postorder: list[bytes],
     result: ScanResult,
     start_ns: int,
+    record: bool,
+    files_of: Callable[[], Index],
 ) -> Oid:
     tree_of: dict[bytes, Oid] = {}
+    reused: set[bytes] = set()
+    records: DirIndex = {}
+    fs_encoding, fs_errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+    FILE, DIR = Kind.FILE, Kind.DIR
     for rel in postorder:
-        entries: list[Entry] = []
-        for item in listing[rel]:
-            if isinstance(item, Entry):
-                entries.append(item)
-            elif isinstance(item, tuple):
-                name, mode = item
-                entries.append(Entry(name, Kind.DIR, mode, 0, tree_of[_join(rel, name)]))
-            else:
-                try:
-                    got = item.future.result()
-                except SnapfsError:
-                    raise
-                except OSError as exc:
-                    raise from_oserror(exc, "Snapshotting", os.fsdecode(item.relpath)) from exc
-                result.hashed += 1
-                result.stored += got.stored
-                st = got.st
-                mode = item.logical_mode(got)
-                # Record what was hashed: the file may have grown or shrunk since it was listed.
-                result.nbytes += got.size - item.st.st_size
-                entries.append(Entry(item.name, Kind.FILE, mode, got.size, got.oid))
-                result.cache_updates.append(
-                    (
-                        item.relpath,
-                        CacheEntry(
-                            st.st_dev,
-                            st.st_ino,
-                            st.st_size,
-                            st.st_mtime_ns,
-                            st.st_ctime_ns,
-                            mode,
-                            got.oid,
-                            got.racy or is_racy(st, start_ns),
-                        ),
-                    )
-                )
+        d = listing[rel]
+        prefix = rel + b"/" if rel else b""
+        if (
+            d.cached is not None
+            and d.clean
+            and all(prefix + name in reused for name, _mode in d.subdirs)
+        ):
+            # Unchanged since its tree was built: same names, same entries, same subtrees.
+            tree_of[rel] = d.cached
+            reused.add(rel)
+            if record:
+                records[rel] = _dir_record(d, d.cached, d.files or _order_key(d.order))
+            continue
+        if d.files:  # vouched for, but a subdirectory changed: the entries are needed now
+            cache = files_of()
+            for sname in d.regular:
+                name = sname.encode(fs_encoding, fs_errors)
+                d.hits.append((name, cache[prefix + name]))
+        entries = d.entries
+        entries.extend([Entry(name, FILE, c[5], c[2], c[6]) for name, c in d.hits])
+        entries.extend(
+            [Entry(name, DIR, mode, 0, tree_of[prefix + name]) for name, mode in d.subdirs]
+        )
+        for i, item in enumerate(d.order):
+            if not isinstance(item, _Pending):
+                continue
+            try:
+                got = item.future.result()
+            except SnapfsError:
+                raise
+            except OSError as exc:
+                raise from_oserror(exc, "Snapshotting", os.fsdecode(item.relpath)) from exc
+            result.hashed += 1
+            result.stored += got.stored
+            st = got.st
+            mode = item.logical_mode(got)
+            # Record what was hashed: the file may have grown or shrunk since it was listed.
+            result.nbytes += got.size - item.st.st_size
+            entries.append(Entry(item.name, FILE, mode, got.size, got.oid))
+            entry = CacheEntry(
+                st.st_dev,
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                mode,
+                got.oid,
+                got.racy or is_racy(st, start_ns),
+            )
+            result.cache_updates.append((item.relpath, entry))
+            d.order[i] = entry
         data = encode(entries)
         oid = tree_oid(data)
         result.trees[oid] = data
         tree_of[rel] = oid
+        if record and d.st is not None and not is_racy(d.st, start_ns):
+            records[rel] = _dir_record(d, oid, d.files or _order_key(d.order))
+    if record:
+        result.dirs = records
     return tree_of[b""]
+
+
+def _same_dir_stat(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_dev, a.st_ctime_ns, a.st_mtime_ns, a.st_size, a.st_mode) == (
+        b.st_ino,
+        b.st_dev,
+        b.st_ctime_ns,
+        b.st_mtime_ns,
+        b.st_size,
+        b.st_mode,
+    )
+
+
+def _files_key(stats: list[int]) -> bytes:
+    """One digest of the (dev, ino, size, mtime_ns, ctime_ns) of a directory's files, in
+    listing order: equal digests mean every file passes the stat cache's check."""
+    try:
+        packed = struct.pack(f"<{len(stats)}q", *stats)
+    except struct.error:  # a value beyond int64: text is as exact, only slower
+        packed = repr(stats).encode()
+    return hash_bytes(packed)
+
+
+def _order_key(order: list[CacheEntry | _Pending]) -> bytes:
+    """The files' key for a new directory record, from the cache entries its files got in
+    this scan; none (b"") if any of them is racy, as its next check must be a full one."""
+    stats: list[int] = []
+    for e in order:
+        if isinstance(e, _Pending) or e[7]:
+            return b""
+        stats += e[:5]
+    return _files_key(stats)
+
+
+def _dir_record(d: _Dir, oid: Oid, files: bytes) -> DirRecord:
+    st = d.st
+    assert st is not None
+    return DirRecord(
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_mode & 0o7777,
+        oid,
+        files,
+    )

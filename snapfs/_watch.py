@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # the journal (and watchdog) load only when a watcher is in play
     from ._journal import Touched
@@ -31,8 +29,9 @@ MARK_KEY = (
 POLL_S = 0.003
 
 
-@dataclass(frozen=True)
-class Mark:
+# A NamedTuple, not a frozen dataclass: every command imports this, and defining a
+# dataclass costs ~0.4 ms (it compiles its methods); a NamedTuple ~0.07 ms.
+class Mark(NamedTuple):
     run: str
     seq: int
 
@@ -70,7 +69,7 @@ def external_mark(project: Project, timeout: float = 2.0) -> Mark | None:
         return None
     run = w[0]
     cookie = project.state_dir / f"journal-cookie-{run}"
-    token = f"x{os.getpid()}-{secrets.token_hex(6)}"
+    token = f"x{os.getpid()}-{os.urandom(6).hex()}"
     tmp = cookie.with_name(f"{cookie.name}.{token}")
     try:
         tmp.write_bytes(f"mark by pid {os.getpid()}\n".encode())

@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -611,6 +610,12 @@ def demo(keep: bool) -> None:
     sys.exit(ExitCode.OK if ok else ExitCode.ERROR)
 
 
+def _print_traceback() -> None:
+    import traceback  # only with --debug
+
+    traceback.print_exc()
+
+
 def _terminate(signum: int, _frame: object) -> NoReturn:
     # Turn SIGTERM/SIGHUP into an exception so cleanup (temp files, locks) runs.
     raise KeyboardInterrupt(f"signal {signum}")
@@ -631,7 +636,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(ExitCode.USAGE)
     except SnapfsError as exc:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         click.echo(f"snapfs: {safe(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
@@ -639,18 +644,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except OSError as exc:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         click.echo(f"snapfs: {safe(str(snapfs_error_from(exc)))}", err=True)
         sys.exit(ExitCode.ERROR)
     except sqlite3.Error as exc:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         err = from_sqlite(exc, Path(".snapfs/project.db"))
         click.echo(f"snapfs: {safe(str(err))}", err=True)
         sys.exit(err.exit_code)
     except Exception as exc:  # the last line of defence: one line, never a bare traceback
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         click.echo(
             safe(f"snapfs: internal error: {type(exc).__name__}: {exc} (rerun with --debug)"),
             err=True,

@@ -5,13 +5,15 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from snapfs import Changes, DownloadProgress, Progress, SnapshotInfo
-from snapfs._restore import Op
 from snapfs._scan import ProgressFn, no_progress
+
+if TYPE_CHECKING:
+    from snapfs._restore import Op
 
 
 def safe(text: str) -> str:

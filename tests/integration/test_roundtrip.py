@@ -300,3 +300,33 @@ def test_hardlinks_without_the_readonly_seal_keep_modes_exact(project_dir: Path)
         with open(m, "r+b") as f:  # detection still works without the write bits gone
             f.write(b"in place")
         assert [pr.kind for pr in p.verify().problems] == ["tampered"]
+
+
+def test_a_whole_second_mtime_alone_does_not_make_a_file_racy(project: snapfs.Project) -> None:
+    # tar, cp -p and unpackers set whole-second mtimes on fine-grained filesystems; only the
+    # kernel-set ctime tells the filesystem's clock apart.
+    p = write(project.root, "pinned.bin", "x")
+    os.utime(p, ns=(1_704_067_200_000_000_000, 1_704_067_200_000_000_000))
+    if os.stat(p).st_ctime_ns % 1_000_000_000 == 0:
+        pytest.skip("this filesystem keeps whole-second ctimes")
+    time.sleep(0.1)  # past the fine-grained racy window, well within the coarse one
+    project.snapshot()
+    assert not project.state.load_cache()[b"pinned.bin"].racy
+
+
+def test_is_racy_judges_each_timestamp_by_its_own_granularity() -> None:
+    from types import SimpleNamespace
+
+    from snapfs._scan import is_racy
+
+    start = 1_800_000_000_500_000_000
+    old = 1_704_067_200_000_000_000  # whole second, long ago
+
+    def st(mtime: int, ctime: int) -> os.stat_result:
+        return SimpleNamespace(st_mtime_ns=mtime, st_ctime_ns=ctime)  # type: ignore[return-value]
+
+    assert not is_racy(st(old, start - 100_000_000), start)  # fine ctime, 100 ms ago
+    assert is_racy(st(old, start - 10_000_000), start)  # fine ctime, 10 ms ago
+    assert is_racy(st(old, 1_800_000_000_000_000_000), start)  # whole-second ctime 0.5 s ago
+    assert is_racy(st(1_800_000_000_000_000_000, start - 1_000_000_000), start)  # coarse mtime
+    assert not is_racy(st(1_799_999_997_000_000_000, 1_799_999_997_000_000_000), start)

@@ -1,0 +1,232 @@
+"""Directory records in the stat cache: an unchanged directory's tree is reused, never a stale one."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import snapfs
+from snapfs._ignore import Ignore
+from snapfs._index import HEADER_V1, MAGIC_V1, RECORD, CacheEntry, load_index
+from snapfs._scan import scan
+from tests.helpers import tree_state, write
+
+
+def _settle() -> None:
+    time.sleep(0.1)  # past the racy window, so cache entries and directory records are trusted
+
+
+def _records(project: snapfs.Project) -> dict[bytes, bytes]:
+    rules = Ignore.load(project.root).fingerprint
+    return {rel: e.oid for rel, e in project.state.load_dir_cache(rules).items()}
+
+
+def _full_scan_root(project: snapfs.Project) -> bytes:
+    """The root tree built from scratch: no stat cache, no directory records."""
+    return scan(project.root, ignore=Ignore.load(project.root), cache={}, batch=None).root
+
+
+def _tree(project: snapfs.Project) -> tuple[snapfs.SnapshotInfo, dict[bytes, bytes]]:
+    _settle()
+    snap = project.snapshot()
+    return snap, _records(project)
+
+
+def test_unchanged_directories_are_reused_and_match_a_full_build(project: snapfs.Project) -> None:
+    root = project.root
+    write(root, "a/b/c.txt", "c")
+    write(root, "a/d.txt", "d")
+    write(root, "e/f.txt", "f")
+    _settle()
+    first = project.snapshot()
+    recs = _records(project)
+    assert set(recs) == {b"", b"a", b"a/b", b"e"}
+    res = scan(
+        root,
+        ignore=Ignore.load(root),
+        cache=project.state.load_cache(),
+        batch=None,
+        dirs=project.state.load_dir_cache(Ignore.load(root).fingerprint),
+    )
+    assert res.root == bytes.fromhex(first.root) and res.trees == {}  # nothing rebuilt
+    assert res.files == 3 and res.hashed == 0
+
+
+class _CountingCache(dict[bytes, CacheEntry]):
+    lookups = 0
+
+    def get(self, key: bytes, default: object = None) -> object:  # type: ignore[override]
+        self.lookups += 1
+        return super().get(key, default)
+
+
+def test_unchanged_files_are_checked_without_a_lookup_each(project: snapfs.Project) -> None:
+    root = project.root
+    for i in range(20):
+        write(root, f"pkg/m{i}.py", f"m{i}")
+    write(root, "pkg/sub/z.py", "z")
+    _tree(project)
+    rules = Ignore.load(root).fingerprint
+
+    def rescan() -> tuple[int, int]:
+        cache = _CountingCache(project.state.load_cache())
+        res = scan(
+            root,
+            ignore=Ignore.load(root),
+            cache=cache,
+            batch=None,
+            dirs=project.state.load_dir_cache(rules),
+        )
+        return cache.lookups, res.hashed
+
+    assert rescan() == (0, 0)  # every directory's record vouched for all its files
+    os.utime(root / "pkg/m3.py")  # one file's stat moves: its directory is checked file by file
+    assert rescan() == (20, 1)
+
+
+def test_a_file_written_in_place_is_seen_in_an_unchanged_directory(
+    project: snapfs.Project,
+) -> None:
+    root = project.root
+    p = write(root, "models/cfg/model.cfg", "aaaa")
+    first, _ = _tree(project)
+    st = os.stat(root / "models/cfg")
+    p.write_text("bbbb")  # same size, same inode: the directory is untouched
+    assert os.stat(root / "models/cfg").st_mtime_ns == st.st_mtime_ns
+    assert project.status().modified == ["models/cfg/model.cfg"]
+    second = project.snapshot()
+    assert second.root != first.root
+    assert bytes.fromhex(second.root) == _full_scan_root(project)
+
+
+def test_a_chmod_of_a_subdirectory_is_seen(project: snapfs.Project) -> None:
+    root = project.root
+    write(root, "plugin/sub/x.py", "x")
+    first, _ = _tree(project)
+    os.chmod(root / "plugin/sub", 0o700)  # changes sub's ctime, not plugin's
+    second = project.snapshot()
+    assert second.root != first.root
+    assert bytes.fromhex(second.root) == _full_scan_root(project)
+    project.restore(first.id)
+    assert os.stat(root / "plugin/sub").st_mode & 0o777 == 0o755
+
+
+def test_changed_ignore_rules_drop_the_records(project: snapfs.Project) -> None:
+    root = project.root
+    write(root, ".snapfsignore", "*.tmp\n")
+    write(root, "sub/keep.txt", "k")
+    write(root, "sub/run.log", "log")
+    first, recs = _tree(project)
+    assert b"sub" in recs
+    # Rewritten in place: the root directory's stat does not move, nor does sub's.
+    with open(root / ".snapfsignore", "r+") as f:
+        f.write("*.log\n")
+    second = project.snapshot()
+    assert second.files == first.files - 1  # sub/run.log is ignored now
+    assert bytes.fromhex(second.root) == _full_scan_root(project)
+
+
+def test_a_directory_changed_just_now_is_not_recorded(project: snapfs.Project) -> None:
+    root = project.root
+    write(root, "old/a.txt", "a")
+    _settle()
+    write(root, "hot/b.txt", "b")  # within the racy window of the next scan
+    project.snapshot()
+    recs = _records(project)
+    assert b"old" in recs and b"hot" not in recs and b"" not in recs
+
+
+def test_new_and_removed_entries_are_seen(project: snapfs.Project) -> None:
+    root = project.root
+    write(root, "d/one.txt", "1")
+    write(root, "d/two.txt", "2")
+    _tree(project)
+    os.unlink(root / "d/two.txt")
+    write(root, "d/three.txt", "3")
+    os.symlink("one.txt", root / "d/link")
+    ch = project.status()
+    assert ch.added == ["d/link", "d/three.txt"] and ch.deleted == ["d/two.txt"]
+    snap = project.snapshot()
+    assert bytes.fromhex(snap.root) == _full_scan_root(project)
+
+
+def test_placing_a_file_drops_the_records_above_it(project: snapfs.Project, tmp_path: Path) -> None:
+    root = project.root
+    write(root, "models/x/a.bin", "a")
+    write(root, "other/b.txt", "b")
+    _, recs = _tree(project)
+    assert {b"", b"models", b"models/x", b"other"} <= set(recs)
+    src = tmp_path / "download"
+    src.write_bytes(b"new model")
+    from snapfs._hashing import hash_bytes
+
+    project.place(b"models/x/a.bin", hash_bytes(b"new model"), src=src)
+    recs = _records(project)
+    assert b"other" in recs and not {b"", b"models", b"models/x"} & set(recs)
+    assert project.status().modified == ["models/x/a.bin"]
+
+
+def test_gc_keeps_the_trees_records_name(project: snapfs.Project) -> None:
+    root = project.root
+    write(root, "x/s/f.txt", "f")
+    first, recs1 = _tree(project)
+    os.chmod(root / "x/s", 0o700)
+    second, recs2 = _tree(project)
+    project.restore(first.id)  # puts s's mode back; x's own stat never moved
+    # x's record survives and names a tree only the second snapshot holds.
+    assert _records(project)[b"x"] == recs2[b"x"] != recs1[b"x"]
+    _settle()
+    project.gc(keep_within=0)  # only HEAD (the first snapshot) is kept
+    assert [s.id for s in project.snapshots()] == [first.id]
+    assert recs2[b"x"] in project.state.dir_cache_trees()
+    for oid in project.state.dir_cache_trees():
+        assert project.state.tree(oid) is not None
+    assert not project.status()
+    assert project.verify().ok
+    third = project.snapshot()
+    assert third.root == first.root != second.root
+    before = tree_state(root)
+    project.restore(third.id)
+    assert tree_state(root) == before
+
+
+def test_a_version_1_index_is_still_read(tmp_path: Path) -> None:
+    import xxhash
+
+    rec = RECORD.pack(1, 2, 3, 4, 5, 0o644, b"o" * 16, 0)
+    body = rec + b"a/b\0"
+    path = tmp_path / "index"
+    path.write_bytes(HEADER_V1.pack(MAGIC_V1, 1, xxhash.xxh3_64_intdigest(body)) + body)
+    loaded = load_index(path)
+    files = loaded.files.data()
+    assert list(files) == [b"a/b"] and files[b"a/b"].oid == b"o" * 16
+    assert loaded.dirs == {}
+
+
+def test_a_racy_file_is_never_vouched_for_by_its_directory(project: snapfs.Project) -> None:
+    root = project.root
+    p = write(root, "d/hot.txt", "1111")
+    _tree(project)
+    p.write_text("2222")  # in place: d's own stat does not move
+    project.snapshot()  # right away: hot.txt's new cache entry is racy
+    assert project.state.load_cache()[b"d/hot.txt"].racy
+    rec = project.state.load_dir_cache(Ignore.load(root).fingerprint)[b"d"]
+    assert rec.files == b""  # so the next scan checks (and re-hashes) hot.txt itself
+    st = p.stat()
+    p.write_text("3333")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert project.status().modified == ["d/hot.txt"]
+
+
+def test_no_change_status_leaves_the_file_records_undecoded(project: snapfs.Project) -> None:
+    root = project.root
+    write(root, "a/b/c.txt", "c")
+    write(root, "a/d.txt", "d")
+    _tree(project)
+    with snapfs.open(root) as p:
+        assert not p.status()
+        assert p.state.file_records()._data is None  # a white-box check of the cheap path
+        os.utime(root / "a/d.txt")
+        assert not p.status()  # metadata only: the content is the same
+        assert p.state.file_records()._data is not None
