@@ -171,6 +171,26 @@ def test_touched_gives_exact_sets(root: Path, journal: Journal) -> None:
     assert t.new_dirs == {b"d1", b"moved_sub"}
 
 
+def test_existing_subfolders_are_watched_at_any_depth_but_not_through_symlinks(
+    root: Path, journal: Journal, tmp_path: Path
+) -> None:
+    deep = root / "a" / "b" / "c" / "d"
+    deep.mkdir(parents=True)
+    (root / "a" / "b2").mkdir()
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    os.symlink(outside, root / "a" / "link")
+    s0 = journal.start()
+    (deep / "f").write_text("f")
+    (root / "a" / "b2" / "g").write_text("g")
+    (outside / "h").write_text("h")  # through the symlink: not the project's
+    (outside / "sub" / "i").write_text("i")
+    s1 = journal.mark()
+    t = journal.touched(s0, s1)
+    assert t.continuous
+    assert t.paths == {b"a/b/c/d/f", b"a/b2/g"}
+
+
 def test_journal_accepts_a_connection_and_calls_the_modified_hook(root: Path, db: Path) -> None:
     (root / "sealed.bin").write_bytes(b"big")
     conn = connect(db, PROJECT_SCHEMA)
