@@ -1603,6 +1603,18 @@ def _sample(url: str, start: int, end: int, config: Config) -> bytes | None:
         return None
 
 
+def _drop_stale_record(part_path: Path) -> None:
+    """An extent record without its data file: the run that owned it placed the file (or it
+    was removed) and was killed before tidying up. Nothing to resume from it."""
+    db = Path(str(part_path) + ".db")
+    if os.path.lexists(db) and not os.path.lexists(part_path):
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(str(db) + suffix)
+            except FileNotFoundError:
+                pass
+
+
 def _finished_at(path: Path, ino: int) -> DownloadResult | None:
     """Another process finished this download: its partial (inode ``ino``) is at ``path``."""
     try:
@@ -1698,10 +1710,11 @@ def _download_plain(
         dest = dest / name_from_url(urls[0])
     if not dest.parent.is_dir():
         raise UsageError(f"{dest.parent} is not a directory.")
+    part_path = dest.with_name(dest.name + PART_SUFFIX)
+    _drop_stale_record(part_path)
     have = _already_there(dest, expected)
     if have is not None:
         return _reused(dest, have)
-    part_path = dest.with_name(dest.name + PART_SUFFIX)
 
     def finish(job: _Download) -> Path:
         try:
@@ -1770,8 +1783,23 @@ def _download_into(
         if expected["size"] is None or expected["size"] == size:
             path = proj.place(relpath, oid)
             sha = expected["sha256"] or proj.store.digest_of(oid, "sha256") or ""
+            # A partial of this DEST is moot now (a run killed after storing the object).
+            stale = proj.state_dir / "downloads" / f"{xxhash.xxh3_64_hexdigest(relpath)}"
+            for suffix in (
+                PART_SUFFIX,
+                PART_SUFFIX + ".db",
+                PART_SUFFIX + ".db-wal",
+                PART_SUFFIX + ".db-shm",
+            ):
+                try:
+                    os.unlink(str(stale) + suffix)
+                except FileNotFoundError:
+                    pass
             report(DownloadProgress("done", size, size, 0.0, None, "", 0, "Already in the store."))
             return DownloadResult(path, size, sha, oid.hex(), 0, 0, True, 0, 0, {})
+    _drop_stale_record(
+        proj.state_dir / "downloads" / f"{xxhash.xxh3_64_hexdigest(relpath)}{PART_SUFFIX}"
+    )
     have = _already_there(target, expected)
     if have is not None:  # DEST holds the expected bytes: store them, fetch nothing
         path = proj.place(relpath, bytes.fromhex(have[1]), src=target, digests={"sha256": have[0]})

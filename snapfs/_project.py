@@ -40,7 +40,7 @@ from ._hashing import Oid, hash_bytes
 from ._ignore import Ignore
 from ._index import CacheEntry
 from ._lock import Lock
-from ._objects import ObjectStore
+from ._objects import ObjectStore, Seal
 from ._scan import (
     RACY_NS,
     Hint,
@@ -877,51 +877,84 @@ class Project:
         except FileNotFoundError:
             pass
         if src is not None:
-            os.rename(src, name, dst_dir_fd=dfd)
-            crash_point("place.renamed")
-        else:
-            tmp = b".snapfs-place-" + os.urandom(6).hex().encode()
-            umask = os.umask(0o022)
-            os.umask(umask)
-            self.store.materialize(oid, dfd, tmp, 0o666 & ~umask)
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            self._place_file(dfd, name, relpath, oid, src, digests)
+            return
+        tmp = b".snapfs-place-" + os.urandom(6).hex().encode()
+        umask = os.umask(0o022)
+        os.umask(umask)
+        self.store.materialize(oid, dfd, tmp, 0o666 & ~umask)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         os.fsync(dfd)  # the rename must survive a power cut before anything points at it
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         try:
-            st = os.fstat(fd)
-            mode = stat.S_IMODE(st.st_mode)
-            if src is not None and oid not in self.store:
-                self.store.lock.acquire(shared=True, wait=True)
-                try:
-                    batch = self.store.batch()
-                    try:
-                        batch.ingest(fd, st, (dfd, name), known=oid)
-                        batch.commit()
-                        crash_point("place.stored")
-                    except BaseException:
-                        batch.abort()
-                        raise
-                finally:
-                    self.store.lock.release()
             for algo, digest in digests.items():
                 self.store.record_digest(algo, digest, oid)
-            # A cache entry is only trusted once its timestamps are safely in the past: a
-            # write within the same clock tick would leave them unchanged.
-            while True:
-                st = os.fstat(fd)
-                age = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns)
-                if age >= RACY_NS:
-                    break
-                time.sleep((RACY_NS - age) / 1e9)
-            racy = is_racy(
-                st, time.time_ns()
-            )  # a coarse clock's tick is longer: let a scan re-check
-            entry = CacheEntry(
-                st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode, oid, racy
-            )
-            self.state.update_cache([(relpath, entry)], [])
+            self._cache_placed(fd, relpath, oid, stat.S_IMODE(os.fstat(fd).st_mode))
         finally:
             os.close(fd)
+
+    def _place_file(
+        self,
+        dfd: int,
+        name: bytes,
+        relpath: bytes,
+        oid: Oid,
+        src: Path,
+        digests: Mapping[str, str],
+    ) -> None:
+        """Store ``src`` as object ``oid`` and index its digests *first*, then rename it into
+        place: killed at any point, the bytes are either at DEST or in the store (where the
+        next download of the same content finds them), never only in a path a rollback
+        deletes."""
+        sdir = os.open(src.parent, DIR_FLAGS)
+        try:
+            sname = os.fsencode(src.name)
+            fd = os.open(sname, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sdir)
+            try:
+                st = os.fstat(fd)
+                mode = stat.S_IMODE(st.st_mode)  # the file's own mode, before any seal
+                if oid not in self.store:
+                    self.store.lock.acquire(shared=True, wait=True)
+                    try:
+                        batch = self.store.batch()
+                        try:
+                            batch.ingest(fd, st, (sdir, sname), known=oid)
+                            batch.commit()
+                        except BaseException:
+                            batch.abort()
+                            raise
+                    finally:
+                        self.store.lock.release()
+                for algo, digest in digests.items():
+                    self.store.record_digest(algo, digest, oid)
+                crash_point("place.stored")
+                os.rename(sname, name, src_dir_fd=sdir, dst_dir_fd=dfd)
+                os.fsync(dfd)  # the rename must survive a power cut before anything points at it
+                crash_point("place.renamed")
+                seal = self.store.seal_of(oid)
+                now = os.fstat(fd)
+                if seal is not None and seal.ino == now.st_ino:
+                    self.store.reseal(oid, Seal.of(now))  # the rename moved ctime, not a write
+                self._cache_placed(fd, relpath, oid, mode)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(sdir)
+
+    def _cache_placed(self, fd: int, relpath: bytes, oid: Oid, mode: int) -> None:
+        # A cache entry is only trusted once its timestamps are safely in the past: a write
+        # within the same clock tick would leave them unchanged.
+        while True:
+            st = os.fstat(fd)
+            age = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns)
+            if age >= RACY_NS:
+                break
+            time.sleep((RACY_NS - age) / 1e9)
+        racy = is_racy(st, time.time_ns())  # a coarse clock's tick is longer: let a scan check
+        entry = CacheEntry(
+            st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, mode, oid, racy
+        )
+        self.state.update_cache([(relpath, entry)], [])
 
     # ---- gc -----------------------------------------------------------------------------
     def gc(

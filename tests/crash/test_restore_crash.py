@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import snapfs
+from tests.crash.sweep import even_sample
 from tests.helpers import TreeState, run_cli, tree_state, write
 
 pytestmark = pytest.mark.crash
@@ -411,14 +412,8 @@ def _sweep_specs(seq: list[str], sample: int | None) -> list[tuple[str, int, str
         if name == "restore.intent_written":
             landing = "target"
         specs.append((name, seen[name], landing))
-    if sample is not None and len(specs) > sample:
-        singles = [s for s in specs if seen[s[0]] == 1]
-        lasts = [s for s in specs if seen[s[0]] > 1 and s[1] == seen[s[0]]]
-        rest = [s for s in specs if seen[s[0]] > 1 and s not in lasts]
-        want = max(0, sample - len(singles) - len(lasts))
-        picked = [rest[int(i * len(rest) / want)] for i in range(want)] if want else []
-        chosen = set(singles + lasts + picked)
-        specs = [s for s in specs if s in chosen]  # keep the order of the run
+    if sample is not None:
+        specs = even_sample(specs, sample)  # every single, every last, an even spread of the rest
     return specs
 
 
