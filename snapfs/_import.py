@@ -459,7 +459,8 @@ def _installed(python: Path, names: Sequence[str]) -> dict[str, str | None]:
 
 
 def _staging(project: Project, what: str) -> Path:
-    d = project.state_dir / "tmp" / f"{what}-{os.getpid()}-{os.urandom(4).hex()}"
+    # "<pid>-..." like the store's own temp names: what a dead process leaves here is swept.
+    d = project.state_dir / "tmp" / f"{os.getpid()}-{what}-{os.urandom(4).hex()}"
     d.parent.mkdir(exist_ok=True)
     return d
 

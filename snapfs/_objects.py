@@ -324,7 +324,11 @@ class ObjectStore:
         if self.tmp.is_dir():
             for name in os.listdir(self.tmp):
                 if _dead_owner(name):
-                    shutil.rmtree(self.tmp / name, ignore_errors=True)
+                    path = self.tmp / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:  # a staged file (an import's write step)
+                        _unlink_quiet(path)
 
     # ---- reading ------------------------------------------------------------------------
     def _hash_loose(self, path: Path) -> Oid:

@@ -331,7 +331,7 @@ def run_sweep(
 
 SAMPLE: dict[str, list[tuple[str, int | str]]] = {
     "plain": [("download.extent_recorded", "mid")],  # half the extents verified
-    "project": [("place.stored", 1)],  # DEST in place and stored, its digest not yet indexed
+    "project": [("place.stored", 1)],  # killed half-way through placing the finished file
 }
 
 

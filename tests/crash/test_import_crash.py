@@ -103,7 +103,20 @@ REFETCH = KnownBug(
     witnesses=("place.renamed:1", "place.stored:1"),
     where=r"^(place\.(renamed|stored)|snapshot\.objects_(synced|renamed)):\d+$",
 )
-KNOWN = [JOURNAL_COOKIE]  # PART_RECORD and REFETCH are fixed; their tests below guard them
+WRITE_TEMP = KnownBug(
+    key="write-step-temp",
+    reason=(
+        "BUG: an import killed while its write step stores the file leaves"
+        " .snapfs/tmp/write-<pid>-<hex> for ever: WriteStep.run (snapfs/_import.py) removes it"
+        " only in its own finally, Project._place_file (snapfs/_project.py) now stores src and"
+        " indexes it before renaming it onto DEST, and the sweep of dead processes' temp files"
+        " (_dead_owner in snapfs/_objects.py) only knows names that start with '<pid>-'"
+    ),
+    symptom=r"^leftover \.snapfs/tmp/write-\d+-[0-9a-f]+$",
+    witnesses=("place.stored:2",),
+    where=r"^(snapshot\.\w+|place\.stored):\d+$",
+)
+KNOWN = [JOURNAL_COOKIE]  # PART_RECORD, REFETCH and WRITE_TEMP are fixed; tests below guard them
 
 
 # ---- the scenario ---------------------------------------------------------------------------
@@ -361,3 +374,11 @@ def test_import_killed_while_placing_the_model_does_not_fetch_it_again(
     assert verified.index < case.index < placed.index  # the download step's place, not write's
     problems = check_case(world, ref, case, "c")
     expect_only(problems, REFETCH, case.spec, also=[JOURNAL_COOKIE, PART_RECORD])
+
+
+def test_import_killed_while_the_write_step_stores_its_file_leaves_no_temp(world: World) -> None:
+    cases, ref = count(world)
+    (case,) = pick(cases, ("place.stored", 2))
+    assert case.index > pick(cases, ("download.placed", 1))[0].index  # the write step's place
+    problems = check_case(world, ref, case, "c")
+    expect_only(problems, WRITE_TEMP, case.spec, also=[JOURNAL_COOKIE])
