@@ -359,11 +359,7 @@ class _Partial:
         os.close(self.fd)
 
     def drop_record(self) -> None:
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(str(self.db_path) + suffix)
-            except FileNotFoundError:
-                pass
+        _remove_partial(self.path, data=False)
 
 
 class _Finished(Exception):
@@ -1606,13 +1602,17 @@ def _sample(url: str, start: int, end: int, config: Config) -> bytes | None:
 def _drop_stale_record(part_path: Path) -> None:
     """An extent record without its data file: the run that owned it placed the file (or it
     was removed) and was killed before tidying up. Nothing to resume from it."""
-    db = Path(str(part_path) + ".db")
-    if os.path.lexists(db) and not os.path.lexists(part_path):
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(str(db) + suffix)
-            except FileNotFoundError:
-                pass
+    if os.path.lexists(str(part_path) + ".db") and not os.path.lexists(part_path):
+        _remove_partial(part_path, data=False)
+
+
+def _remove_partial(part_path: Path, *, data: bool) -> None:
+    """Delete a partial download's extent record (SQLite and its WAL files), and its data."""
+    for suffix in ([""] if data else []) + [".db", ".db-wal", ".db-shm"]:
+        try:
+            os.unlink(str(part_path) + suffix)
+        except FileNotFoundError:
+            pass
 
 
 def _finished_at(path: Path, ino: int) -> DownloadResult | None:
@@ -1768,6 +1768,9 @@ def _download_into(
     parts = split_relpath(relpath)  # UnsafePath for absolute paths, '..', NUL
     if parts[0] == b".snapfs":
         raise UnsafePath(f"Refusing {os.fsdecode(relpath)!r}: .snapfs belongs to snapfs.")
+    # The partial lives in .snapfs/downloads, keyed by DEST, so the same command finds it again.
+    key = xxhash.xxh3_64_hexdigest(relpath)
+    part_path = proj.state_dir / "downloads" / f"{key}{PART_SUFFIX}"
     name = os.fsdecode(parts[-1])
     target = proj.root / os.fsdecode(relpath)
     # Already have it: the store holds the expected content (from any project sharing it).
@@ -1784,30 +1787,15 @@ def _download_into(
             path = proj.place(relpath, oid)
             sha = expected["sha256"] or proj.store.digest_of(oid, "sha256") or ""
             # A partial of this DEST is moot now (a run killed after storing the object).
-            stale = proj.state_dir / "downloads" / f"{xxhash.xxh3_64_hexdigest(relpath)}"
-            for suffix in (
-                PART_SUFFIX,
-                PART_SUFFIX + ".db",
-                PART_SUFFIX + ".db-wal",
-                PART_SUFFIX + ".db-shm",
-            ):
-                try:
-                    os.unlink(str(stale) + suffix)
-                except FileNotFoundError:
-                    pass
+            _remove_partial(part_path, data=True)
             report(DownloadProgress("done", size, size, 0.0, None, "", 0, "Already in the store."))
             return DownloadResult(path, size, sha, oid.hex(), 0, 0, True, 0, 0, {})
-    _drop_stale_record(
-        proj.state_dir / "downloads" / f"{xxhash.xxh3_64_hexdigest(relpath)}{PART_SUFFIX}"
-    )
+    _drop_stale_record(part_path)
     have = _already_there(target, expected)
     if have is not None:  # DEST holds the expected bytes: store them, fetch nothing
         path = proj.place(relpath, bytes.fromhex(have[1]), src=target, digests={"sha256": have[0]})
         return _reused(path, have)
-    downloads = proj.state_dir / "downloads"
-    downloads.mkdir(exist_ok=True)
-    key = xxhash.xxh3_64_hexdigest(relpath)
-    part_path = downloads / f"{key}{PART_SUFFIX}"
+    part_path.parent.mkdir(exist_ok=True)
 
     def finish(job: _Download) -> Path:
         digests = {"sha256": job.sha256}

@@ -308,7 +308,7 @@ def test_a_whole_second_mtime_alone_does_not_make_a_file_racy(project: snapfs.Pr
     p = write(project.root, "pinned.bin", "x")
     os.utime(p, ns=(1_704_067_200_000_000_000, 1_704_067_200_000_000_000))
     if os.stat(p).st_ctime_ns % 1_000_000_000 == 0:
-        pytest.skip("this filesystem keeps whole-second ctimes")
+        pytest.skip(reason="this filesystem keeps whole-second ctimes")
     time.sleep(0.1)  # past the fine-grained racy window, well within the coarse one
     project.snapshot()
     assert not project.state.load_cache()[b"pinned.bin"].racy

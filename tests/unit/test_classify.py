@@ -751,7 +751,7 @@ def git_output(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CommandFai
     """Real failures of real git commands, as the installer would wrap them."""
     git = shutil.which("git")
     if git is None:
-        pytest.skip("git is not installed")
+        pytest.skip(reason="git is not installed")
     work = tmp_path_factory.mktemp("git")
     env = _git_env(work)
 
@@ -822,7 +822,7 @@ def test_git_failures(
     git_output: dict[str, CommandFailed], case: str, code: str, needle: str
 ) -> None:
     if case not in git_output:
-        pytest.skip(f"{case}: the tool it needs is not installed")
+        pytest.skip(reason=f"{case}: the tool it needs is not installed")
     exc = git_output[case]
     assert needle in exc.output, f"git's wording changed: {exc.output!r}"
     d = ok(classify(exc, "installing ComfyUI-Manager"), code)
@@ -980,7 +980,7 @@ def test_pip_failures(
     pip_output: dict[str, CommandFailed], case: str, code: str, needle: str, named: str | None
 ) -> None:
     if case not in pip_output:
-        pytest.skip(f"{case}: needs setuptools and a C compiler")
+        pytest.skip(reason=f"{case}: needs setuptools and a C compiler")
     exc = pip_output[case]
     assert needle in exc.output, f"pip's wording changed: {exc.output!r}"
     d = ok(classify(exc, "installing requirements for ComfyUI-Manager"), code)

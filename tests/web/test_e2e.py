@@ -63,7 +63,7 @@ def browser() -> Iterator[Browser]:
         try:
             b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
         except Exception as exc:  # the browser exists but can't start here (no /dev/shm...)
-            pytest.skip(f"chromium can't start here: {str(exc).splitlines()[0]}")
+            pytest.skip(reason=f"chromium can't start here: {str(exc).splitlines()[0]}")
         try:
             yield b
         finally:
