@@ -128,6 +128,9 @@ class Ingested(NamedTuple):
     stored: int  # bytes of disk this ingest added to the store
     st: os.stat_result  # the file's stat after ingest (sealing changes ctime and mode)
     racy: bool  # the file changed while being read: don't trust its stat next time
+    # When snapfs itself moved st's ctime (the seal's chmod): the ctime before that. A write
+    # after the seal moves mtime too, so raciness is judged on mtime and this ctime.
+    ctime_before: int = 0
 
 
 class SweepReport(NamedTuple):
@@ -605,6 +608,8 @@ class IngestBatch:
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: list[Future[int]] = []
         self.stored = 0  # disk bytes added by small objects
+        # (dev, ino) -> (ctime sealed, ctime after the commit's rename), for the stat cache
+        self.resealed: dict[tuple[int, int], tuple[int, int]] = {}
         self._mutex = threading.Lock()
         self._seq = 0
         self._local = threading.local()
@@ -754,7 +759,7 @@ class IngestBatch:
                 os.unlink(tmp)
                 continue
             self._claim_loose(oid, tmp, Seal.of(after))
-            return Ingested(oid, size, 0, after, False)
+            return Ingested(oid, size, 0, after, False, before.st_ctime_ns)
         return None  # kept changing: fall back to a copy of what we can read
 
     def _pack_small(self, fd: int, st: os.stat_result) -> Ingested:
@@ -888,6 +893,7 @@ class IngestBatch:
                 os.rename(tmp, final)
                 fans.add(str(final.parent))
                 if seal is not None:
+                    seal = self._moved(seal, final)
                     seals.append((oid, seal.dev, seal.ino, seal.size, seal.mtime_ns, seal.ctime_ns))
             crash_point("snapshot.objects_renamed")
             if fans:
@@ -916,6 +922,17 @@ class IngestBatch:
         self._loose.clear()
         self._packed.clear()
         self.abort()
+
+    def _moved(self, seal: Seal, final: Path) -> Seal:
+        """The seal of a hardlink just renamed into the store. The rename moved the inode's
+        ctime, and the project's file is that inode: record the new ctime here and in
+        ``resealed``, so neither the seal nor the stat cache sends the next snapshot to re-read it.
+        A write since sealing moves mtime or size too, and then the old seal stands."""
+        now = os.lstat(final)
+        if (now.st_ino, now.st_size, now.st_mtime_ns) != (seal.ino, seal.size, seal.mtime_ns):
+            return seal
+        self.resealed[(seal.dev, seal.ino)] = (seal.ctime_ns, now.st_ctime_ns)
+        return seal._replace(ctime_ns=now.st_ctime_ns)
 
     def abort(self) -> None:
         self._buf = []

@@ -430,6 +430,7 @@ class Project:
                         remember_mark(self, mark, self.state.head)
                     return None, res.root
                 batch.commit()
+                res.resealed(batch.resealed)
                 new_objects = batch.new_objects_committed
             except BaseException:
                 batch.abort()

@@ -107,6 +107,22 @@ class ScanResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     dirs: DirIndex | None = None  # directory records for every directory built (see scan)
 
+    def resealed(self, moved: dict[tuple[int, int], tuple[int, int]]) -> None:
+        """Carry the ctime that storing a sealed hardlink moved (``IngestBatch.resealed``)
+        into this scan's cache entries. Their directories' records lose the files' key, so the
+        next scan checks those files one by one (against the corrected entries) and reads none."""
+        if not moved:
+            return
+        stale: set[bytes] = set()
+        for i, (relpath, e) in enumerate(self.cache_updates):
+            change = moved.get((e.dev, e.ino))
+            if change is not None and e.ctime_ns == change[0]:
+                self.cache_updates[i] = (relpath, e._replace(ctime_ns=change[1]))
+                stale.add(relpath.rpartition(b"/")[0])
+        if self.dirs is not None:
+            for rel in stale & self.dirs.keys():
+                self.dirs[rel] = self.dirs[rel]._replace(files=b"")
+
 
 class _Pending:
     """A file whose oid is being computed."""
@@ -203,15 +219,19 @@ def _recent(ns: int, start_ns: int) -> bool:
     return ns >= start_ns - (RACY_COARSE_NS if ns % 1_000_000_000 == 0 else RACY_NS)
 
 
-def is_racy(st: os.stat_result, start_ns: int) -> bool:
+def is_racy(st: os.stat_result, start_ns: int, ctime_ns: int = 0) -> bool:
     """Could a change in the same clock tick as ``st`` have left it unchanged?
 
     Each timestamp is judged by its own granularity: an mtime of a whole second is common on
     a fine-grained filesystem (set by tar, cp -p, an unpacker), and taking it as a sign of a
     coarse clock for ctime as well made such files racy, and re-hashed, for 2 s after any
     change to them.
+
+    ``ctime_ns``, when given, is the ctime to judge instead of st's: the file's ctime before
+    snapfs sealed it. Our own chmod and rename make every fresh seal's ctime "now", and a
+    write after them moves mtime as well, which is judged.
     """
-    return _recent(st.st_mtime_ns, start_ns) or _recent(st.st_ctime_ns, start_ns)
+    return _recent(st.st_mtime_ns, start_ns) or _recent(ctime_ns or st.st_ctime_ns, start_ns)
 
 
 def scan(
@@ -609,7 +629,7 @@ def _build_trees(
                 st.st_ctime_ns,
                 mode,
                 got.oid,
-                got.racy or is_racy(st, start_ns),
+                got.racy or is_racy(st, start_ns, got.ctime_before),
             )
             result.cache_updates.append((item.relpath, entry))
             d.order[i] = entry

@@ -230,3 +230,30 @@ def test_no_change_status_leaves_the_file_records_undecoded(project: snapfs.Proj
         os.utime(root / "a/d.txt")
         assert not p.status()  # metadata only: the content is the same
         assert p.state.file_records()._data is not None
+
+
+def test_a_freshly_sealed_model_is_not_read_again(tmp_path: Path) -> None:
+    """Moving a sealed hardlink into the store changes its inode's ctime. The stat cache, the
+    directory records and the seal must all hold the ctime after that move, or the snapshot
+    after the first one reads every model again."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    with snapfs.init(root, hardlink_threshold="1MiB") as project:
+        model = write(root, "models/big.safetensors", os.urandom(3 << 20))
+        write(root, "models/readme.txt", "r")
+        _settle()
+        project.snapshot()
+        cache = project.state.load_cache()
+        entry = cache[b"models/big.safetensors"]
+        assert entry.ctime_ns == os.lstat(model).st_ctime_ns
+        seal = project.store.seal_of(entry.oid)
+        assert seal is not None and seal.ctime_ns == os.lstat(model).st_ctime_ns
+        rules = Ignore.load(root).fingerprint
+        res = scan(
+            root,
+            ignore=Ignore.load(root),
+            cache=cache,
+            batch=None,
+            dirs=project.state.load_dir_cache(rules),
+        )
+        assert res.hashed == 0 and res.trees == {}
