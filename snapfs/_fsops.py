@@ -14,9 +14,12 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import UnsafePath
+
+if TYPE_CHECKING:
+    from ._threads import Pool
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int) from linux/fs.h
 
@@ -218,12 +221,17 @@ def open_parent(
 
 
 def remove_entry(
-    dir_fd: int, name: bytes, keep: KeepFn | None = None, relpath: bytes = b""
+    dir_fd: int,
+    name: bytes,
+    keep: KeepFn | None = None,
+    relpath: bytes = b"",
+    pool: Pool | None = None,
 ) -> bool:
     """Remove ``name`` (file, symlink or whole directory) inside ``dir_fd`` without following links.
 
     ``keep(relpath)`` protects paths (ignored files) from deletion; a directory that still holds a
-    kept path is left in place. Returns True if the entry is gone.
+    kept path is left in place. Returns True if the entry is gone. With a ``pool``, a directory's
+    files are unlinked by its threads (see ``_TreeRemover``).
     """
     try:
         st = os.lstat(name, dir_fd=dir_fd)
@@ -236,6 +244,8 @@ def remove_entry(
         return True
     if keep is not None and keep(relpath + b"/"):
         return False
+    if pool is not None:
+        return _TreeRemover(pool, keep).remove(dir_fd, name, st, relpath)
     fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     emptied = True
     try:
@@ -250,3 +260,139 @@ def remove_entry(
     if emptied:
         os.rmdir(name, dir_fd=dir_fd)
     return emptied
+
+
+class _Frame:
+    """A directory being removed: its fd, where it sits, and whether it can go."""
+
+    __slots__ = ("fd", "parent_fd", "name", "relpath", "emptied", "subdirs", "up", "depth")
+
+    def __init__(self, fd: int, parent_fd: int, name: bytes, relpath: bytes, up: _Frame | None):
+        self.fd, self.parent_fd, self.name, self.relpath, self.up = fd, parent_fd, name, relpath, up
+        self.emptied = True
+        self.subdirs: list[bytes] = []
+        self.depth: int = 0 if up is None else up.depth + 1
+
+
+class _TreeRemover:
+    """Remove a directory tree with a thread pool doing the unlinks.
+
+    An unlink costs this kind of disk ~0.1 ms of journal work, most of it waiting, so a few at
+    once go several times faster. The walk stays in the calling thread, depth first through
+    ``O_NOFOLLOW`` directory fds; files are queued as (dir fd, name) and unlinked in batches;
+    each finished directory is removed after the batch holding its files, children before
+    parents. At most ``MAX_OPEN`` finished directories keep their fds before a batch runs.
+    """
+
+    BATCH = 512
+    MAX_OPEN = 64
+    CHUNK = 64  # unlinks per task
+
+    def __init__(self, pool: Pool, keep: KeepFn | None) -> None:
+        self.pool, self.keep = pool, keep
+        self.files: list[tuple[int, bytes]] = []
+        self.finished: list[_Frame] = []  # post-order: children before parents
+
+    def remove(self, dir_fd: int, name: bytes, st: os.stat_result, relpath: bytes) -> bool:
+        top = self._enter(dir_fd, name, st.st_mode, relpath, None)
+        stack = [top]
+        try:
+            while stack:
+                frame = stack[-1]
+                if frame.subdirs:
+                    child = frame.subdirs.pop()
+                    sub = self._enter_child(frame, child)
+                    if sub is not None:
+                        stack.append(sub)
+                    continue
+                stack.pop()
+                if not frame.emptied and frame.up is not None:
+                    frame.up.emptied = False
+                self.finished.append(frame)
+                if len(self.finished) >= self.MAX_OPEN or len(self.files) >= self.BATCH:
+                    self._flush()
+            self._flush()
+        finally:
+            for frame in stack + self.finished:
+                os.close(frame.fd)
+        return top.emptied
+
+    def _enter_child(self, parent: _Frame, name: bytes) -> _Frame | None:
+        try:
+            st = os.lstat(name, dir_fd=parent.fd)
+        except FileNotFoundError:
+            return None
+        relpath = parent.relpath + b"/" + name
+        if not stat.S_ISDIR(st.st_mode):  # replaced since it was listed
+            if self.keep is not None and self.keep(relpath):
+                parent.emptied = False
+            else:
+                self.files.append((parent.fd, name))
+            return None
+        if self.keep is not None and self.keep(relpath + b"/"):
+            parent.emptied = False
+            return None
+        return self._enter(parent.fd, name, st.st_mode, relpath, parent)
+
+    def _enter(
+        self, parent_fd: int, name: bytes, mode: int, relpath: bytes, up: _Frame | None
+    ) -> _Frame:
+        fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+        frame = _Frame(fd, parent_fd, name, relpath, up)
+        try:
+            if not mode & stat.S_IWUSR:  # a read-only directory can't have entries removed
+                os.chmod(fd, stat.S_IMODE(mode) | stat.S_IRWXU)
+            with os.scandir(fd) as it:
+                for entry in it:
+                    child = os.fsencode(entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        frame.subdirs.append(child)
+                    elif self.keep is not None and self.keep(relpath + b"/" + child):
+                        frame.emptied = False
+                    else:
+                        self.files.append((fd, child))
+        except BaseException:
+            os.close(fd)
+            raise
+        return frame
+
+    def _flush(self) -> None:
+        files, self.files = self.files, []
+        chunks = [files[i : i + self.CHUNK] for i in range(0, len(files), self.CHUNK)]
+        if len(chunks) > 1:
+            for _ in self.pool.map(_unlink_all, chunks):
+                pass
+        elif chunks:
+            _unlink_all(chunks[0])
+        finished, self.finished = self.finished, []
+        # Deepest first; directories at one depth are never each other's ancestors, so each
+        # depth's are removed at once.
+        levels: dict[int, list[_Frame]] = {}
+        for frame in finished:
+            levels.setdefault(frame.depth, []).append(frame)
+        try:
+            for depth in sorted(levels, reverse=True):
+                frames = levels[depth]
+                for frame in frames:
+                    os.close(frame.fd)
+                    frame.fd = -1
+                gone = [f for f in frames if f.emptied]
+                if len(gone) > 1:
+                    for _ in self.pool.map(_rmdir, gone):
+                        pass
+                elif gone:
+                    _rmdir(gone[0])
+        finally:
+            self.finished = [f for f in finished if f.fd >= 0]
+
+
+def _rmdir(frame: _Frame) -> None:
+    os.rmdir(frame.name, dir_fd=frame.parent_fd)
+
+
+def _unlink_all(files: list[tuple[int, bytes]]) -> None:
+    for dir_fd, name in files:
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass

@@ -304,6 +304,16 @@ class ObjectStore:
                 (seal.ctime_ns, oid, seal.ino),
             )
 
+    def reseal_moved(self, moved: Iterable[tuple[Oid, os.stat_result]]) -> None:
+        """Record the ctime of sealed objects whose inode snapfs just linked or renamed, when
+        nothing else about it moved (a write moves mtime or size)."""
+        with self.db_mutex, self.db:
+            self.db.executemany(
+                "UPDATE seals SET ctime_ns = ? WHERE oid = ? AND ino = ? AND size = ?"
+                " AND mtime_ns = ?",
+                ((st.st_ctime_ns, oid, st.st_ino, st.st_size, st.st_mtime_ns) for oid, st in moved),
+            )
+
     @staticmethod
     def _broken(oid: Oid) -> SealBroken:
         return SealBroken(

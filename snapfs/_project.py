@@ -635,13 +635,8 @@ class Project:
         removed = set(removed)
         gone: set[bytes] = set()
         if removed:  # a cached path is gone if it or any of its parents was removed
-            for p in self.state.load_cache():
-                q = p
-                while q:
-                    if q in removed:
-                        gone.add(p)
-                        break
-                    q = q.rpartition(b"/")[0]
+            under = tuple(r + b"/" for r in removed)
+            gone = {p for p in self.state.load_cache() if p in removed or p.startswith(under)}
         self.state.update_cache(puts, gone - {p for p, _ in puts})
         self.state.set_meta("head", str(intent.target))
         from ._restore import finish

@@ -22,9 +22,10 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import xxhash
 
@@ -42,10 +43,14 @@ from ._fsops import (
 from ._hashing import Oid
 from ._index import CacheEntry
 from ._objects import ObjectStore
-from ._scan import Progress, ProgressFn, is_racy, no_progress
+from ._scan import RACY_NS, Progress, ProgressFn, is_racy, is_racy_mtime, no_progress
+from ._threads import LazyPool, Pool
 from ._tree import Entry, Kind
 
 INTENT_VERSION = 1
+PARALLEL_MIN = 32  # files to stage before threads are worth starting
+IO_THREADS = 4
+SETTLE_MIN_SIZE = 8 << 20  # staged files this large are worth waiting a clock tick for
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +200,7 @@ class Applied:
     puts: list[tuple[bytes, CacheEntry]]
     removed: list[bytes]
     ops: int
+    relinked: list[tuple[Oid, os.stat_result]] = field(default_factory=list)
 
 
 def apply_restore(
@@ -212,18 +218,24 @@ def apply_restore(
     staging.mkdir(parents=True)
     sfd = os.open(staging, DIR_FLAGS)
     root_fd = os.open(root, DIR_FLAGS)
+    # Creating and unlinking files is mostly waiting on the disk's journal: a few threads
+    # do it several times faster. They start only when there is enough of it to pay for them.
+    pool = LazyPool(max_workers=IO_THREADS, thread_name_prefix="snapfs-restore")
     try:
         try:
-            staged = _stage(plan, store, sfd, progress)
+            staged = _stage(plan, store, sfd, progress, pool)
             # Staged bytes durable before any rename can expose them under a final name.
-            make_durable([str(staging / n) for n in staged], [str(staging)], sfd)
+            make_durable([str(staging / str(i)) for i in staged], [str(staging)], sfd)
+            _settle(staged.values())
             write_intent(state_dir / "intent.json", intent)
         except BaseException:
-            # Nothing in the project changed yet; give back the space staging took.
+            # Nothing in the project changed yet; give back the space staging took, once no
+            # thread is still writing into it.
+            pool.shutdown()
             shutil.rmtree(staging, ignore_errors=True)
             raise
         crash_point("restore.intent_written")
-        result = _apply(plan, root_fd, sfd, keep, progress)
+        result = _apply(plan, root_fd, sfd, keep, progress, staged, store, pool)
         # The renames durable before the intent goes away.
         parents = {os.path.dirname(op.relpath) for op in plan}
         make_durable(
@@ -232,25 +244,32 @@ def apply_restore(
         crash_point("restore.applied")
         return result
     finally:
+        pool.shutdown()
         os.close(root_fd)
         os.close(sfd)
 
 
-def _stage(plan: list[Op], store: ObjectStore, sfd: int, progress: ProgressFn) -> list[str]:
-    staged: list[str] = []
-    total = sum(1 for op in plan if op.action in ("put", "link"))
-    done = 0
-    for i, op in enumerate(plan):
+class Staged(NamedTuple):
+    """A file staged for a put: its stat once written, and whether it is a hardlink to a
+    sealed object (whose seal must then follow the inode's ctime)."""
+
+    st: os.stat_result
+    linked: bool
+
+
+def _stage(
+    plan: list[Op], store: ObjectStore, sfd: int, progress: ProgressFn, pool: Pool
+) -> dict[int, Staged]:
+    """Write every file and symlink the plan lands into staging, named by plan index."""
+    puts = [i for i, op in enumerate(plan) if op.action == "put"]
+    total = len(puts) + sum(1 for op in plan if op.action == "link")
+
+    def put(i: int) -> Staged:
+        op = plan[i]
         name = str(i).encode()
         try:
-            if op.action == "put":
-                store.materialize(op.oid, sfd, name, op.mode)
-            elif op.action == "link":
-                os.symlink(op.target, name, dir_fd=sfd)
-            else:
-                continue
-            if op.action == "put":
-                staged.append(name.decode())
+            linked = store.materialize(op.oid, sfd, name, op.mode)
+            return Staged(os.lstat(name, dir_fd=sfd), linked)
         except (ObjectMissing, ObjectCorrupt) as exc:
             p = os.fsdecode(op.relpath)
             raise type(exc)(
@@ -261,25 +280,61 @@ def _stage(plan: list[Op], store: ObjectStore, sfd: int, progress: ProgressFn) -
             ) from exc
         except OSError as exc:
             raise from_oserror(exc, "Preparing the restore", os.fsdecode(op.relpath)) from exc
+
+    staged: dict[int, Staged] = {}
+    done = 0
+    results = pool.map(put, puts) if len(puts) >= PARALLEL_MIN else map(put, puts)
+    for i, got in zip(puts, results, strict=True):
+        staged[i] = got
         done += 1
         if done % 256 == 0:
-            progress(Progress("stage", done, total, os.fsdecode(op.relpath)))
+            progress(Progress("stage", done, total, os.fsdecode(plan[i].relpath)))
+    for i, op in enumerate(plan):
+        if op.action == "link":
+            try:
+                os.symlink(op.target, str(i).encode(), dir_fd=sfd)
+            except OSError as exc:
+                raise from_oserror(exc, "Preparing the restore", os.fsdecode(op.relpath)) from exc
+            done += 1
+            if done % 256 == 0:
+                progress(Progress("stage", done, total, os.fsdecode(op.relpath)))
     return staged
 
 
+def _settle(staged: Iterable[Staged]) -> None:
+    """Wait out the clock tick of the newest large staged file, so that its stat can be
+    trusted once it lands and the next snapshot doesn't read it again. Small files are
+    cheaper to re-read than to wait for; a hardlinked model keeps its old mtime."""
+    newest = max(
+        (s.st.st_mtime_ns for s in staged if s.st.st_size >= SETTLE_MIN_SIZE), default=0
+    )
+    wait = newest + RACY_NS - time.time_ns()
+    if newest and 0 < wait <= RACY_NS:
+        time.sleep(wait / 1e9)
+
+
 def _apply(
-    plan: list[Op], root_fd: int, sfd: int, keep: Callable[[bytes], bool], progress: ProgressFn
+    plan: list[Op],
+    root_fd: int,
+    sfd: int,
+    keep: Callable[[bytes], bool],
+    progress: ProgressFn,
+    staged: Mapping[int, Staged],
+    store: ObjectStore,
+    pool: Pool,
 ) -> Applied:
     out = Applied([], [], len(plan))
     start_ns = time.time_ns()
     for i, op in enumerate(plan):
         try:
-            _apply_one(i, op, root_fd, sfd, keep, out, start_ns)
+            _apply_one(i, op, root_fd, sfd, keep, out, start_ns, staged.get(i), pool)
         except OSError as exc:
             raise from_oserror(exc, "Restoring", os.fsdecode(op.relpath)) from exc
         crash_point("restore.after_op")
         if i % 256 == 0:
             progress(Progress("apply", i, len(plan), os.fsdecode(op.relpath)))
+    if out.relinked:  # the renames moved those inodes' ctime: not a write
+        store.reseal_moved(out.relinked)
     progress(Progress("apply", len(plan), len(plan)))
     return out
 
@@ -292,10 +347,12 @@ def _apply_one(
     keep: Callable[[bytes], bool],
     out: Applied,
     start_ns: int,
+    staged: Staged | None,
+    pool: Pool,
 ) -> None:
     with open_parent(root_fd, op.relpath, create=op.action != "remove") as (pfd, name):
         if op.action == "remove":
-            remove_entry(pfd, name, keep, op.relpath)
+            remove_entry(pfd, name, keep, op.relpath, pool)
             out.removed.append(op.relpath)
         elif op.action == "mkdir":
             try:
@@ -306,17 +363,26 @@ def _apply_one(
             except FileNotFoundError:
                 os.mkdir(name, 0o700, dir_fd=pfd)
         elif op.action in ("put", "link"):
-            staged = str(i).encode()
+            staged_name = str(i).encode()
             try:
-                os.rename(staged, name, src_dir_fd=sfd, dst_dir_fd=pfd)
+                os.rename(staged_name, name, src_dir_fd=sfd, dst_dir_fd=pfd)
             except FileNotFoundError:
                 pass  # already landed before a crash; the recovery re-plan will confirm
             except IsADirectoryError:
-                remove_entry(pfd, name, keep, op.relpath)
-                os.rename(staged, name, src_dir_fd=sfd, dst_dir_fd=pfd)
+                remove_entry(pfd, name, keep, op.relpath, pool)
+                os.rename(staged_name, name, src_dir_fd=sfd, dst_dir_fd=pfd)
             crash_point("restore.after_rename")
             if op.action == "put":
                 st = os.lstat(name, dir_fd=pfd)
+                # Our rename moved the inode's ctime: judge raciness on the staged file's.
+                ours = staged if staged is not None and staged.st.st_ino == st.st_ino else None
+                if ours is None:  # landed before a crash: judged as found
+                    racy = is_racy(st, start_ns)
+                elif ours.linked:  # materialize checked the seal; the link and rename are ours
+                    out.relinked.append((op.oid, st))
+                    racy = is_racy_mtime(st, start_ns)
+                else:  # the rename moved ctime: judge the staged file's
+                    racy = is_racy(st, start_ns, ours.st.st_ctime_ns)
                 out.puts.append(
                     (
                         op.relpath,
@@ -328,7 +394,7 @@ def _apply_one(
                             st.st_ctime_ns,
                             op.mode,
                             op.oid,
-                            is_racy(st, start_ns),
+                            racy,
                         ),
                     )
                 )

@@ -234,6 +234,12 @@ def is_racy(st: os.stat_result, start_ns: int, ctime_ns: int = 0) -> bool:
     return _recent(st.st_mtime_ns, start_ns) or _recent(ctime_ns or st.st_ctime_ns, start_ns)
 
 
+def is_racy_mtime(st: os.stat_result, start_ns: int) -> bool:
+    """``is_racy`` for a file whose ctime only snapfs moved since a check of the whole inode
+    (a sealed object's, just linked into place): any write since moves mtime."""
+    return _recent(st.st_mtime_ns, start_ns)
+
+
 def scan(
     root: Path,
     *,

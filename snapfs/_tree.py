@@ -33,6 +33,9 @@ class Kind(enum.IntEnum):
     LINK = 3
 
 
+_KINDS = {k.value: k for k in Kind}  # a dict lookup is ~10x cheaper than Kind(value)
+
+
 class Entry(NamedTuple):
     """One name in a directory. ``oid`` is the content (FILE) or child tree (DIR).
 
@@ -81,8 +84,10 @@ def decode(data: bytes) -> list[Entry]:
             pos += _HEAD.size
             name = data[pos : pos + nlen]
             pos += nlen
-            k = Kind(kind)
-            if k == Kind.LINK:
+            k = _KINDS.get(kind)
+            if k is None:
+                raise ValueError("bad kind")
+            if k is Kind.LINK:
                 (tlen,) = _LINKLEN.unpack_from(data, pos)
                 pos += _LINKLEN.size
                 target = data[pos : pos + tlen]
