@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import Config
 from ._diff import Changes, ChangeSet
-from ._download import DownloadProgress, DownloadResult, download
 from ._errors import (
     BadContent,
     Category,
@@ -52,6 +51,7 @@ from ._txn import Transaction, checkpoint, checkpointed, transaction
 
 if TYPE_CHECKING:
     from ._classify import Action, Diagnosis, classify
+    from ._download import DownloadProgress, DownloadResult, download
     from ._import import import_workflow
     from ._ops import (
         OperationFailed,
@@ -62,9 +62,12 @@ if TYPE_CHECKING:
         resume,
     )
 
-# The recovery manager loads on first use: a snapshot or a status needs none of it, and
-# every command pays for what `import snapfs` imports.
+# The recovery manager and the downloader load on first use: a snapshot or a status needs
+# none of them, and every command pays for what `import snapfs` imports.
 _LAZY = {
+    "DownloadProgress": "_download",
+    "DownloadResult": "_download",
+    "download": "_download",
     "Action": "_classify",
     "Diagnosis": "_classify",
     "classify": "_classify",

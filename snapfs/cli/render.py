@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from snapfs import Changes, DownloadProgress, Progress, SnapshotInfo
+from snapfs import Changes, Progress, SnapshotInfo
 from snapfs._scan import ProgressFn, no_progress
 
 if TYPE_CHECKING:
+    from snapfs._download import DownloadProgress
     from snapfs._restore import Op
 
 
