@@ -1509,6 +1509,16 @@ def _already_there(path: Path, expected: dict[str, Any]) -> tuple[str, str, int]
     return got if _matches(expected, *got) else None
 
 
+def _unused(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2``...: a quarantine never replaces an earlier one."""
+    n = 0
+    candidate = path
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
+
+
 def _incomplete_at_dest(
     dir_fd: int,
     name: bytes,
@@ -1562,6 +1572,7 @@ def _incomplete_at_dest(
         )
         return True
     quarantine.parent.mkdir(parents=True, exist_ok=True)
+    quarantine = _unused(quarantine)
     os.rename(name, quarantine, src_dir_fd=dir_fd)
     why = "doesn't match the source" if theirs is not None else "couldn't be checked"
     report(

@@ -1051,6 +1051,26 @@ def test_incomplete_dest_is_adopted(srv: TimedServer, tmp_path: Path, blob: Blob
     assert leftovers(dest) == []
 
 
+def test_quarantines_in_the_same_second_keep_both_files(
+    srv: TimedServer, tmp_path: Path, blob: Blob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An incomplete DEST that isn't the source's prefix is moved aside, never deleted: a
+    second one in the same second gets its own name instead of replacing the first."""
+    import snapfs._download as dl
+
+    monkeypatch.setattr(dl.time, "time", lambda: 1_800_000_000.0)
+    srv.add("/f", blob.data)
+    dest = tmp_path / "f"
+    kept = []
+    for old in (b"first unrelated bytes", b"second unrelated bytes"):
+        dest.write_bytes(old)
+        snapfs.download(srv.url("/f"), dest, sha256=blob.sha256, **fast(tmp_path))
+        assert sha_of(dest) == blob.sha256
+        kept.append(old)
+    moved = sorted(tmp_path.glob("f.snapfs-quarantine-*"))
+    assert sorted(m.read_bytes() for m in moved) == sorted(kept)
+
+
 def test_incomplete_dest_with_a_bad_byte_is_repaired(
     srv: TimedServer, tmp_path: Path, blob: Blob
 ) -> None:
