@@ -1626,6 +1626,30 @@ def _remove_partial(part_path: Path, *, data: bool) -> None:
             pass
 
 
+def _remove_idle_partial(part_path: Path) -> None:
+    """``_remove_partial`` under the partial's lock, taken without waiting: a partial another
+    process is downloading into is left to it."""
+    try:
+        fd = os.open(part_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        _remove_partial(part_path, data=False)  # a record without data is nobody's
+        return
+    except OSError:
+        return  # a symlink, or unreadable: not ours to judge
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return
+    try:
+        if os.lstat(part_path).st_ino == os.fstat(fd).st_ino:
+            _remove_partial(part_path, data=True)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _finished_at(path: Path, ino: int) -> DownloadResult | None:
     """Another process finished this download: its partial (inode ``ino``) is at ``path``."""
     try:
@@ -1797,8 +1821,9 @@ def _download_into(
         if expected["size"] is None or expected["size"] == size:
             path = proj.place(relpath, oid)
             sha = expected["sha256"] or proj.store.digest_of(oid, "sha256") or ""
-            # A partial of this DEST is moot now (a run killed after storing the object).
-            _remove_partial(part_path, data=True)
+            # A partial of this DEST is moot now (a run killed after storing the object),
+            # unless a live run holds it: that one will find the object in place when done.
+            _remove_idle_partial(part_path)
             report(DownloadProgress("done", size, size, 0.0, None, "", 0, "Already in the store."))
             return DownloadResult(path, size, sha, oid.hex(), 0, 0, True, 0, 0, {})
     _drop_stale_record(part_path)

@@ -1014,6 +1014,34 @@ def test_already_in_a_shared_store(
         assert r.sha256 == blob.sha256
 
 
+@pytest.mark.parametrize("busy", [False, True])
+def test_already_in_the_store_leaves_a_live_partial_alone(
+    srv: TimedServer, tmp_path: Path, blob: Blob, busy: bool
+) -> None:
+    """The store already holds the content, and DEST has a partial from another run. A dead
+    run's partial is removed; a live run's (its lock held) is left to that run."""
+    import fcntl
+
+    import xxhash
+
+    root = tmp_path / "p"
+    root.mkdir()
+    snapfs.init(root).close()
+    srv.add("/f", blob.data)
+    snapfs.download(srv.url("/f"), "a.bin", project=root, sha256=blob.sha256, **fast(tmp_path))
+    part = root / ".snapfs/downloads" / f"{xxhash.xxh3_64_hexdigest(b'b.bin')}.snapfs-part"
+    part.write_bytes(blob.data[: 3 * MiB])
+    fd = os.open(part, os.O_RDWR)
+    try:
+        if busy:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        r = snapfs.download(srv.url("/f"), "b.bin", project=root, sha256=blob.sha256, **fast(tmp_path))
+        assert r.reused and sha_of(root / "b.bin") == blob.sha256
+        assert part.exists() == busy
+    finally:
+        os.close(fd)
+
+
 def test_dest_already_holding_the_right_bytes(srv: TimedServer, tmp_path: Path, blob: Blob) -> None:
     srv.add("/f", blob.data)
     dest = tmp_path / "f"
