@@ -39,6 +39,17 @@ import xxhash
 
 from ._hashing import Oid
 
+# The racy-clean window: a change within this long of a recorded timestamp may have left it
+# unchanged (the filesystem's clock ticks coarser than its nanoseconds suggest).
+RACY_NS = 20_000_000
+RACY_COARSE_NS = 2_000_000_000  # filesystems with whole-second timestamps
+
+
+def recent(ns: int, now_ns: int) -> bool:
+    """Is timestamp ``ns`` within the racy window of ``now_ns``? A whole-second timestamp may
+    come from a filesystem with a coarse clock: it gets the wider margin."""
+    return ns >= now_ns - (RACY_COARSE_NS if ns % 1_000_000_000 == 0 else RACY_NS)
+
 MAGIC = b"SNIX2"
 MAGIC_V1 = b"SNIX1"
 HEADER = struct.Struct("<5sIII16sQ")

@@ -27,6 +27,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -51,6 +52,7 @@ from ._fsops import (
     write_all,
 )
 from ._hashing import READ_BLOCK, Oid, hash_bytes, hash_fd, read_all
+from ._index import recent
 from ._lock import Lock
 from ._state import connect
 from ._threads import executor
@@ -697,6 +699,7 @@ class IngestBatch:
         dst = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, OBJ_MODE)
         try:
             try:
+                cloned_ns = time.time_ns()
                 reflink_fd(fd, dst)
             except OSError as exc:
                 if exc.errno in NOT_SUPPORTED and forced:
@@ -712,11 +715,10 @@ class IngestBatch:
                 os.unlink(tmp)
                 return None
             self.store._reflink_ok = True
-            # The clone is a frozen point-in-time copy: hash it, not the live file.
             if known is not None and not stat_changed(st, os.fstat(fd)):
                 oid, size = known, st.st_size
             else:
-                oid, size = hash_fd(dst)
+                oid, size = self._hash_clone(fd, dst, st, cloned_ns)
         finally:
             if dst >= 0:
                 os.close(dst)
@@ -726,6 +728,23 @@ class IngestBatch:
         else:
             self._claim_loose(oid, tmp, None)
         return Ingested(oid, size, 0, st, stat_changed(st, after))
+
+    @staticmethod
+    def _hash_clone(fd: int, dst: int, st: os.stat_result, cloned_ns: int) -> tuple[Oid, int]:
+        """The digest of the clone ``dst``, a frozen copy of ``fd`` as it was when cloned.
+
+        Read from the live file when that provably gives the same bytes: its page cache is
+        warm (it was just written or used), while a clone's pages are its own and cold. The
+        file's stat must be the same before the clone and after the read, and its timestamps
+        older than the racy window, so that a write in between would have moved one.
+        """
+        settled = not (recent(st.st_mtime_ns, cloned_ns) or recent(st.st_ctime_ns, cloned_ns))
+        if settled and not stat_changed(st, os.fstat(fd)):
+            os.lseek(fd, 0, os.SEEK_SET)
+            oid, size = hash_fd(fd)
+            if not stat_changed(st, os.fstat(fd)) and size == st.st_size:
+                return oid, size
+        return hash_fd(dst)
 
     def _try_hardlink(
         self,

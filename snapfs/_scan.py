@@ -26,19 +26,26 @@ from ._errors import ProjectPathError, SnapfsError, from_oserror
 from ._fsops import DIR_FLAGS, READ_FLAGS, stat_changed
 from ._hashing import Oid, hash_bytes, hash_fd, read_all
 from ._ignore import STATE_DIR
-from ._index import CacheEntry, DirIndex, DirRecord, FileRecords, Index, paused_gc
+from ._index import (
+    RACY_NS,
+    CacheEntry,
+    DirIndex,
+    DirRecord,
+    FileRecords,
+    Index,
+    paused_gc,
+    recent,
+)
 from ._objects import IngestBatch, Ingested
 from ._threads import executor
 from ._tree import Entry, Kind, decode, encode, tree_oid
 
-# Timestamps within this distance of the scan's start may share a clock tick with a write we
-# haven't seen (the "racy clean" problem): such cache entries are re-hashed next time.
+__all__ = ["RACY_NS"]  # re-exported: restore and place wait out the same window
+
 _IFMT = 0o170000
 _IFDIR = stat.S_IFDIR
 _IFREG = stat.S_IFREG
 _IFLNK = stat.S_IFLNK
-RACY_NS = 20_000_000
-RACY_COARSE_NS = 2_000_000_000  # filesystems with whole-second timestamps
 MAX_OPEN = 128  # files opened by the walker and not yet hashed
 
 
@@ -214,11 +221,6 @@ def _cache_entry(st: os.stat_result, mode: int, oid: Oid, racy: bool) -> CacheEn
     )
 
 
-def _recent(ns: int, start_ns: int) -> bool:
-    # A whole-second timestamp may come from a filesystem with a coarse clock: wider margin.
-    return ns >= start_ns - (RACY_COARSE_NS if ns % 1_000_000_000 == 0 else RACY_NS)
-
-
 def is_racy(st: os.stat_result, start_ns: int, ctime_ns: int = 0) -> bool:
     """Could a change in the same clock tick as ``st`` have left it unchanged?
 
@@ -231,13 +233,13 @@ def is_racy(st: os.stat_result, start_ns: int, ctime_ns: int = 0) -> bool:
     snapfs sealed it. Our own chmod and rename make every fresh seal's ctime "now", and a
     write after them moves mtime as well, which is judged.
     """
-    return _recent(st.st_mtime_ns, start_ns) or _recent(ctime_ns or st.st_ctime_ns, start_ns)
+    return recent(st.st_mtime_ns, start_ns) or recent(ctime_ns or st.st_ctime_ns, start_ns)
 
 
 def is_racy_mtime(st: os.stat_result, start_ns: int) -> bool:
     """``is_racy`` for a file whose ctime only snapfs moved since a check of the whole inode
     (a sealed object's, just linked into place): any write since moves mtime."""
-    return _recent(st.st_mtime_ns, start_ns)
+    return recent(st.st_mtime_ns, start_ns)
 
 
 def scan(

@@ -185,3 +185,62 @@ def test_hardlink_above_the_threshold(no_reflink_dir: Path) -> None:
         p.restore(snap.id)
         assert big.read_bytes() == data
         assert p.verify().ok
+
+
+def test_a_clone_is_hashed_from_the_settled_live_file_or_else_from_itself(
+    xfs_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reflinked model is hashed from the live file (its pages are cached; the clone's are
+    not) only when that provably reads the cloned bytes. Here the file is written while it is
+    read: the digest must then be the clone's, which is the content at the time of the clone."""
+    import time
+
+    import snapfs._objects as objects
+
+    model = write(xfs_project, "models/m.bin", os.urandom(3 * MB))
+    original = model.read_bytes()
+    old = time.time() - 60
+    os.utime(model, (old, old))
+    time.sleep(0.05)  # the ctime utime just moved must age past the racy window too
+    real = objects.hash_fd
+    calls: list[int] = []
+
+    def hash_then_write(fd: int) -> tuple[bytes, int]:
+        got = real(fd)
+        if not calls:  # the first read is the live file's: someone writes meanwhile
+            with open(model, "r+b") as f:
+                f.write(b"changed!")
+        calls.append(fd)
+        return got
+
+    monkeypatch.setattr(objects, "hash_fd", hash_then_write)
+    with snapfs.init(xfs_project, link_mode="reflink") as p:
+        snap = p.snapshot()
+        monkeypatch.setattr(objects, "hash_fd", real)
+        assert len(calls) == 2, "read the live file, then the clone"
+        model.write_bytes(b"gone")
+        p.restore(snap.id)
+    assert model.read_bytes() == original
+
+
+def test_a_settled_clone_is_read_once(xfs_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import snapfs._objects as objects
+
+    model = write(xfs_project, "models/m.bin", os.urandom(3 * MB))
+    old = time.time() - 60
+    os.utime(model, (old, old))
+    time.sleep(0.05)
+    real = objects.hash_fd
+    calls: list[int] = []
+
+    def counting(fd: int) -> tuple[bytes, int]:
+        calls.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(objects, "hash_fd", counting)
+    with snapfs.init(xfs_project, link_mode="reflink") as p:
+        p.snapshot()
+        assert len(calls) == 1
+        assert p.verify().ok
