@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import StateCorrupt
-from ._hashing import Oid
+from ._hashing import Oid, unread_oid
 from ._tree import Entry, Kind, decode
 
 TreeLoader = Callable[[Oid], bytes | None]
@@ -164,24 +164,47 @@ class ChangeSet:
         return ", ".join(parts)
 
 
-def change_set(load: TreeLoader, old: Oid, new: Oid) -> ChangeSet:
-    """:func:`changes` with moves paired up by content."""
+def change_set(
+    load: TreeLoader,
+    old: Oid,
+    new: Oid,
+    resolve: Callable[[bytes], Oid | None] | None = None,
+) -> ChangeSet:
+    """:func:`changes` with moves paired up by content.
+
+    ``new`` may hold files a read-only scan left unread (placeholder oids, see
+    ``unread_oid``). ``resolve(relpath)`` then reads those that could be a move's destination,
+    the ones as large as some file that went: pairing needs their real content.
+    """
     plain = changes(load, old, new)
     gone: dict[Oid, list[str]] = {}
-    came: dict[Oid, list[str]] = {}
+    sizes: set[int] = set()  # of the files that went
+    came: list[tuple[bytes, Entry]] = []
     for path, ea, eb in walk_diff(load, old, new):
-        for side, entry, out in ((path, ea, gone), (path, eb, came)):
+        for side, entry, went in ((path, ea, True), (path, eb, False)):
             if entry is None or (ea is not None and eb is not None and ea.kind == eb.kind):
                 continue
             if entry.kind == Kind.FILE:
-                out.setdefault(entry.oid, []).append(os.fsdecode(side))
+                files: Iterable[tuple[bytes, Entry]] = ((side, entry),)
             elif entry.kind == Kind.DIR:
-                for p, e in walk_tree(load, entry.oid, side):
-                    if e.kind == Kind.FILE:
-                        out.setdefault(e.oid, []).append(os.fsdecode(p))
+                files = ((p, e) for p, e in walk_tree(load, entry.oid, side) if e.kind == Kind.FILE)
+            else:
+                continue
+            if went:
+                for p, e in files:
+                    gone.setdefault(e.oid, []).append(os.fsdecode(p))
+                    sizes.add(e.size)
+            else:
+                came.extend(files)
+    arrived: dict[Oid, list[str]] = {}
+    for p, e in came:
+        oid = e.oid
+        if resolve is not None and e.size in sizes and oid == unread_oid(p):
+            oid = resolve(p) or oid
+        arrived.setdefault(oid, []).append(os.fsdecode(p))
     moved: list[tuple[str, str]] = []
     for oid, srcs in gone.items():
-        dsts = came.get(oid, [])
+        dsts = arrived.get(oid, [])
         if len(srcs) == 1 and len(dsts) == 1:  # only unambiguous pairs are moves
             moved.append((srcs[0], dsts[0]))
     src_set = {a for a, _ in moved}

@@ -35,3 +35,9 @@ def read_all(fd: int) -> bytes:
         if not block:
             return b"".join(chunks)
         chunks.append(block)
+
+
+def unread_oid(relpath: bytes) -> Oid:
+    """A placeholder for content a read-only scan did not read (a file new since the scan's
+    base); never the digest of real content, since no tree holds it as a file's."""
+    return hash_bytes(b"\0snapfs:unread\0" + relpath)

@@ -35,8 +35,8 @@ from ._errors import (
     UsageError,
     from_oserror,
 )
-from ._fsops import DIR_FLAGS, LinkMode, open_parent, split_relpath
-from ._hashing import Oid, hash_bytes
+from ._fsops import DIR_FLAGS, READ_FLAGS, LinkMode, open_parent, split_relpath
+from ._hashing import Oid, hash_bytes, hash_fd
 from ._ignore import Ignore
 from ._index import CacheEntry
 from ._lock import Lock
@@ -316,7 +316,8 @@ class Project:
     def _scan_readonly(
         self, progress: ProgressFn, hint: Hint | None = None, *, lazy_added: bool = False
     ) -> ScanResult:
-        # Nothing read-only scans build is stored, so files in new directories need not be read.
+        # Nothing a read-only scan builds is stored. With ``lazy_added`` (a rollback to the
+        # hint's base), files the base lacks are not read: they are about to be deleted.
         ignore = Ignore.load(self.root)
         return scan(
             self.root,
@@ -326,8 +327,27 @@ class Project:
             workers=self.config.workers,
             progress=progress,
             hint=hint,
+            lazy_added=lazy_added,
             dirs=self.state.load_dir_cache(ignore.fingerprint),
         )
+
+    def _hash_path(self, relpath: bytes) -> Oid | None:
+        """The digest of the project file ``relpath``, reached without following a symlink;
+        None if it can't be read (gone, or not a regular file)."""
+        root_fd = os.open(self.root, DIR_FLAGS)
+        try:
+            with open_parent(root_fd, relpath) as (dfd, name):
+                fd = os.open(name, READ_FLAGS, dir_fd=dfd)
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        return None
+                    return hash_fd(fd)[0]
+                finally:
+                    os.close(fd)
+        except (OSError, SnapfsError):
+            return None
+        finally:
+            os.close(root_fd)
 
     def _inline_max(self) -> int:
         # Forced reflink/hardlink modes need every file to go through the link strategy.
@@ -549,7 +569,7 @@ class Project:
             # Whatever the checkpoint lacks is deleted by the rollback: no need to read it.
             cur = self._scan_readonly(progress, hint, lazy_added=True)
             load = self._overlay(cur.trees)
-            undone = change_set(load, target.root, cur.root)
+            undone = change_set(load, target.root, cur.root, resolve=self._hash_path)
             if cur.root == target.root:
                 self.state.set_meta("head", str(target.id))
             else:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 from ._errors import ProjectPathError, SnapfsError, from_oserror
 from ._fsops import DIR_FLAGS, READ_FLAGS, stat_changed
-from ._hashing import Oid, hash_bytes, hash_fd, read_all
+from ._hashing import Oid, hash_bytes, hash_fd, read_all, unread_oid
 from ._ignore import STATE_DIR
 from ._index import (
     RACY_NS,
@@ -208,11 +208,6 @@ class _Dir:
 
 def _join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
-
-
-def unread_oid(relpath: bytes) -> Oid:
-    """A placeholder for content that was not read; never the digest of real content."""
-    return hash_bytes(b"\0snapfs:unread\0" + relpath)
 
 
 def _cache_entry(st: os.stat_result, mode: int, oid: Oid, racy: bool) -> CacheEntry:

@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,6 +160,44 @@ def test_explicit_rollback_then_the_block_ends_normally(project: snapfs.Project)
         tx.commit()
     with pytest.raises(snapfs.UsageError):
         tx.rollback()
+
+
+@pytest.mark.parametrize("journal", [True, False])
+def test_rollback_reads_only_what_could_be_a_move(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journal: bool
+) -> None:
+    """Files the checkpoint lacks are deleted by a rollback, so they are not read; only one as
+    large as a file that went can be a move's destination, and only that one is hashed."""
+    import snapfs._project as project_mod
+    import snapfs._scan as scan_mod
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    write(root, "docs/old-name.txt", "moved content")
+    write(root, "keep.txt", "k")
+    time.sleep(0.05)  # past the racy window: a racy file is rightly read again
+    with snapfs.init(root, journal=journal) as project:
+        before = tree_state(root)
+        reads: list[str] = []
+        for mod, name in ((scan_mod, "read_all"), (scan_mod, "hash_fd"), (project_mod, "hash_fd")):
+            real = getattr(mod, name)
+
+            def counting(fd: int, _real=real, _name=f"{mod.__name__}.{name}") -> object:
+                reads.append(_name)
+                return _real(fd)
+
+            monkeypatch.setattr(mod, name, counting)
+        with snapfs.transaction(project, label="install") as tx:
+            for i in range(40):
+                write(root, f"plugin/p{i % 4}/f{i}.py", "x" * (100 + i))
+            os.makedirs(root / "newdir")
+            os.rename(root / "docs/old-name.txt", root / "newdir/new-name.txt")
+            reads.clear()
+            undone = tx.rollback()
+        assert tree_state(root) == before
+        assert undone.moved == [("docs/old-name.txt", "newdir/new-name.txt")]
+        assert len([a for a in undone.added if a.endswith(".py")]) == 40
+        assert reads == ["snapfs._project.hash_fd"], reads
 
 
 def test_commit_with_a_post_snapshot_pairs_it_with_the_checkpoint(project: snapfs.Project) -> None:
