@@ -147,7 +147,13 @@ ACTIONS: Mapping[str, Action] = MappingProxyType({a.id: a for a in _ACTION_LIST}
 class _Fields(dict[str, str]):
     """Template fields; a missing one reads as a neutral default instead of raising."""
 
-    DEFAULTS = {"path": "that path", "pkg": "a package", "tool": "a build tool", "what": "a file"}
+    DEFAULTS = {
+        "path": "that path",
+        "pkg": "a package",
+        "tool": "a build tool",
+        "what": "a file",
+        "by": "this",
+    }
 
     def __missing__(self, key: str) -> str:
         return self.DEFAULTS.get(key, "")
@@ -158,7 +164,8 @@ class Kind:
     """One entry of the catalog: everything about a diagnosis except the failure's specifics.
 
     ``reason`` (what happened) and ``advice`` (what to do) are templates that may name fields:
-    ``{path}``, ``{pkg}``, ``{tool}``, ``{what}``, ``{where}``, ``{why}``, ``{text}``, ``{wait}``.
+    ``{path}``, ``{pkg}``, ``{tool}``, ``{what}``, ``{where}``, ``{why}``, ``{text}``, ``{wait}``,
+    ``{by}``.
     """
 
     code: str
@@ -347,7 +354,7 @@ _KIND_LIST = (
     _kind("pip.python-version", DEPENDENCY, False, "this version of Python is not supported by {pkg}",
           "Choose another version of it", "pin-version rollback"),
     _kind("pip.constraint", DEPENDENCY, False,
-          "this needs a different version of {pkg}, which must stay as it is",
+          "{by} needs a different version of {pkg}, which must stay as it is",
           "Choose versions that work with the current {pkg}, or roll back", "pin-version rollback"),
     _kind("pip.conflict", DEPENDENCY, False,
           "the packages asked for need versions of each other that cannot be installed together",
@@ -849,6 +856,12 @@ PIP_ROWS: tuple[Row, ...] = (
     # A caller that holds packages in place may say so in the output ("torch must not change").
     ("pip.constraint", r"\b(?P<pkg>[A-Za-z0-9][\w.-]*)(?:[=<>!~]=?[^\s,;()]*)? must not"
                        r" (change|be changed)"),
+    # Pinned by a constraint, and pip says which requirement wanted another version: name it,
+    # so the user knows what to change (pip lists the conflict's causes in either order).
+    ("pip.constraint", r"^\s*(?P<by>[A-Za-z0-9][\w.-]*) \S+ depends on (?P<pkg>[A-Za-z0-9][\w.-]*)"
+                       r"[^\n]*\n\s*The user requested \(constraint\) (?P=pkg)\b"),
+    ("pip.constraint", r"The user requested \(constraint\) (?P<pkg>[A-Za-z0-9][\w.-]*)[^\n]*\n"
+                       r"\s*(?P<by>[A-Za-z0-9][\w.-]*) \S+ depends on (?P=pkg)\b"),
     ("pip.constraint", r"The user requested \(constraint\) (?P<pkg>[A-Za-z0-9][A-Za-z0-9._-]*)"),
     # What snapfs's import says when pip moved a package the plan protects.
     ("pip.constraint", r"protected package changed: (?P<pkg>\S+)"),
