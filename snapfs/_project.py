@@ -669,14 +669,23 @@ class Project:
             (self.state_dir / "intent.json").exists()
             or (staging.is_dir() and any(os.scandir(staging)))
             or self.state.has_open_txns()
+            or self._has_dead_cookies()
         )
+
+    def _has_dead_cookies(self) -> bool:
+        if not any(n.startswith("journal-cookie-") for n in os.listdir(self.state_dir)):
+            return False  # the usual case: no journal, so no owner to look up
+        from ._txn import dead_cookies
+
+        return bool(dead_cookies(self.state_dir))
 
     def _recover_transactions_locked(
         self, *, keep: bool, progress: ProgressFn = no_progress
     ) -> list[str]:
         """Apply the crash policy to transactions whose owner died. A live owner is left alone."""
-        from ._txn import dead_transactions, describe_owner
+        from ._txn import dead_transactions, describe_owner, sweep_dead_cookies
 
+        sweep_dead_cookies(self.state_dir)  # a killed journal's marker file
         groups: dict[str, list[Any]] = {}
         for row in dead_transactions(self.state.txns(status="open")):
             groups.setdefault(row.owner, []).append(row)
