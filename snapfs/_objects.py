@@ -46,6 +46,7 @@ from ._fsops import (
     LinkMode,
     fsync_dir,
     make_durable,
+    named,
     reflink_fd,
     stat_changed,
     write_all,
@@ -567,14 +568,21 @@ class PackWriter:
             at = self.offset
             self.offset += len(payload)
         n = 0
-        while n < len(payload):  # pwrite: appenders don't wait on each other's writes
-            n += os.pwrite(self.fd, memoryview(payload)[n:], at + n)
+        try:
+            while n < len(payload):  # pwrite: appenders don't wait on each other's writes
+                n += os.pwrite(self.fd, memoryview(payload)[n:], at + n)
+        except OSError as exc:
+            named(exc, self.path)
+            raise
         return at
 
     def finish(self) -> None:
         """Make the pack durable and close it."""
         try:
             os.fsync(self.fd)
+        except OSError as exc:
+            named(exc, self.path)
+            raise
         finally:
             os.close(self.fd)
 
@@ -845,6 +853,9 @@ class IngestBatch:
                 h.update(block)
                 write_all(out, block)
                 total += len(block)
+        except OSError as exc:
+            named(exc, tmp)
+            raise
         finally:
             os.close(out)
         after = os.fstat(fd)
