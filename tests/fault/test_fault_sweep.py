@@ -67,7 +67,7 @@ NAMES = {  # what the one-line error must say the operation was
     "snapshot": r"snapshot|reading the project",
     "restore": r"restor",
     "gc": r"gc|garbage",
-    "download": r"download",
+    "download": r"download|placing the file",
 }
 
 
@@ -106,7 +106,7 @@ def build(root: Path, seed: int = 5) -> None:
 def mutate(root: Path, seed: int) -> None:
     rng = random.Random(seed)
     write(root, "src/pkg0/f0.txt", f"edited {seed}\n")
-    os.unlink(root / "src/pkg1/f1.txt")
+    os.unlink(root / f"src/pkg{seed % 2}/f{seed}.txt")
     write(root, f"added/n{seed}.bin", rng.randbytes(2000))
     write(root, "big.bin", rng.randbytes(1_100_000 + seed))
     os.chmod(root / "run.sh", 0o644 if seed % 2 else 0o755)
@@ -184,6 +184,7 @@ def op_argv(op: str, srv: FaultServer | None) -> list[str]:
 # ---- one case -------------------------------------------------------------------------------
 
 HIT = re.compile(r"^!(\w+)\t(.*)$", re.M)
+IN_PARENS = re.compile(r"\([^()?\s]+\)")  # "(models/m.bin)", "(link)": a project path
 PATHLIKE = re.compile(r"[\w.-]+/[\w./-]+|\b[\w-]+\.\w{1,12}\b")
 
 
@@ -207,7 +208,9 @@ def check_error(r: subprocess.CompletedProcess[str], case: FaultCase, hit: str) 
         problems.append(f"the error does not name the operation ({case.op}): {line!r}")
     # A file: the one the fault hit, its folder, or the project file the step was about.
     names = {os.path.basename(hit), os.path.basename(os.path.dirname(hit))} - {"", "?"}
-    if "(?)" in line or not (any(n in line for n in names) or PATHLIKE.search(line)):
+    if "(?)" in line or not (
+        any(n in line for n in names) or PATHLIKE.search(line) or IN_PARENS.search(line)
+    ):
         problems.append(f"the error does not name the file ({hit}): {line!r}")
     return problems
 
