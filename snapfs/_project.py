@@ -65,7 +65,7 @@ from ._watch import (
 
 STATE_DIR = ".snapfs"
 # Patterns as text: re compiles (and caches) them on first use, not at every import.
-_LATEST = r"^latest(?:~(\d+))?$"
+_LATEST = r"^latest(?:~([0-9]+))?$"
 _DURATION = r"^(\d+)\s*([smhdw])$"
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -293,7 +293,7 @@ class Project:
             if n >= len(rows):
                 raise SnapshotNotFound(f"There is no snapshot {text}: the project has {len(rows)}.")
             return rows[-1 - n]
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):  # '²'.isdigit(), but int('²') fails
             raise SnapshotNotFound(
                 f"{text!r} is not a snapshot id (use a number, 'latest' or 'latest~N')."
             )
