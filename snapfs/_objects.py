@@ -559,7 +559,12 @@ class PackWriter:
         self.name = f"{os.urandom(12).hex()}.pack"
         self.path = directory / self.name
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, OBJ_MODE)
-        write_all(self.fd, PACK_MAGIC)
+        try:
+            write_all(self.fd, PACK_MAGIC)
+        except OSError as exc:
+            os.close(self.fd)
+            named(exc, self.path)
+            raise
         self.offset = len(PACK_MAGIC)
         self._mutex = threading.Lock()
 

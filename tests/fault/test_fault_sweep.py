@@ -65,7 +65,7 @@ ERRNOS: dict[str, tuple[str, ...]] = {
 OPS = ("snapshot", "restore", "gc", "download")
 NAMES = {  # what the one-line error must say the operation was
     "snapshot": r"snapshot|reading the project",
-    "restore": r"restor",
+    "restore": r"restor|reading the project",  # the scan that saves the state it leaves
     "gc": r"gc|garbage",
     "download": r"download|placing the file",
 }
