@@ -9,6 +9,7 @@
 
 from typing import TYPE_CHECKING, Any
 
+from . import _faults  # noqa: F401 - first: a testing aid (SNAPFS_FAULT_AT), inert unless set
 from ._config import Config
 from ._diff import Changes, ChangeSet
 from ._errors import (

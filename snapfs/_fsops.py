@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from . import _faults
 from ._errors import UnsafePath
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def syncfs(fd: int) -> None:
     One syncfs after writing many objects is far cheaper than an fsync per object and gives the
     same guarantee for what came before it.
     """
+    _faults.hit("fsync", fd=fd)
     if _c().syncfs(fd) != 0:  # pragma: no cover - syncfs only fails on EBADF
         import ctypes
 
@@ -125,10 +127,21 @@ def make_durable(files: list[str | bytes], dirs: list[str | bytes], fs_fd: int) 
         fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.fsync(fd)
+        except OSError as exc:
+            named(exc, f)
+            raise
         finally:
             os.close(fd)
     for d in dirs:
         fsync_dir(d)
+
+
+def named(exc: OSError, path: str | bytes | os.PathLike[str]) -> OSError:
+    """``exc`` with ``path`` as its filename if it had none: an error from a call on a file
+    descriptor (write, fsync, ioctl...) names no file, and the user must be told which."""
+    if exc.filename is None:
+        exc.filename = os.fsdecode(os.fspath(path))
+    return exc
 
 
 def fsync_dir(path: str | bytes | os.PathLike[str]) -> None:
@@ -136,6 +149,9 @@ def fsync_dir(path: str | bytes | os.PathLike[str]) -> None:
     fd = os.open(path, DIR_FLAGS)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        named(exc, path)
+        raise
     finally:
         os.close(fd)
 
@@ -150,6 +166,9 @@ def write_file_atomic(path: str | bytes | os.PathLike[str], data: bytes, mode: i
         try:
             write_all(fd, data)
             os.fsync(fd)
+        except OSError as exc:
+            named(exc, path)
+            raise
         finally:
             os.close(fd)
         os.replace(tmp, path)

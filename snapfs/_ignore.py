@@ -7,6 +7,7 @@ reverted by a restore.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ class Ignore:
 
         try:
             self._spec = pathspec.GitIgnoreSpec.from_lines(lines)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, re.error) as exc:  # re.error: a bad [range]
             raise UsageError(f"{IGNORE_FILE} has a pattern snapfs can't read: {exc}.") from exc
 
     @classmethod

@@ -65,8 +65,11 @@ class Lock:
             info = f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%H:%M:%S')}"
             if purpose:
                 info += f": {purpose}"
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, info.encode() + b"\n", 0)
+            try:  # only what a waiting writer is told: the lock holds without it
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, info.encode() + b"\n", 0)
+            except OSError:
+                pass  # (a full disk, say) raising here would leak the held fd: a self-deadlock
         self._fd = fd
         self._depth = 1
 

@@ -47,6 +47,7 @@ from ._fsops import (
     LinkMode,
     fsync_dir,
     make_durable,
+    named,
     reflink_fd,
     stat_changed,
     write_all,
@@ -573,7 +574,12 @@ class PackWriter:
         self.name = f"{os.urandom(12).hex()}.pack"
         self.path = directory / self.name
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, OBJ_MODE)
-        write_all(self.fd, PACK_MAGIC)
+        try:
+            write_all(self.fd, PACK_MAGIC)
+        except OSError as exc:
+            os.close(self.fd)
+            named(exc, self.path)
+            raise
         self.offset = len(PACK_MAGIC)
         self._mutex = threading.Lock()
 
@@ -582,14 +588,21 @@ class PackWriter:
             at = self.offset
             self.offset += len(payload)
         n = 0
-        while n < len(payload):  # pwrite: appenders don't wait on each other's writes
-            n += os.pwrite(self.fd, memoryview(payload)[n:], at + n)
+        try:
+            while n < len(payload):  # pwrite: appenders don't wait on each other's writes
+                n += os.pwrite(self.fd, memoryview(payload)[n:], at + n)
+        except OSError as exc:
+            named(exc, self.path)
+            raise
         return at
 
     def finish(self) -> None:
         """Make the pack durable and close it."""
         try:
             os.fsync(self.fd)
+        except OSError as exc:
+            named(exc, self.path)
+            raise
         finally:
             os.close(self.fd)
 
@@ -879,6 +892,9 @@ class IngestBatch:
                 h.update(block)
                 write_all(out, block)
                 total += len(block)
+        except OSError as exc:
+            named(exc, tmp)
+            raise
         finally:
             os.close(out)
         after = os.fstat(fd)

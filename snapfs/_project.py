@@ -65,7 +65,7 @@ from ._watch import (
 
 STATE_DIR = ".snapfs"
 # Patterns as text: re compiles (and caches) them on first use, not at every import.
-_LATEST = r"^latest(?:~(\d+))?$"
+_LATEST = r"^latest(?:~([0-9]+))?$"
 _DURATION = r"^(\d+)\s*([smhdw])$"
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -293,7 +293,7 @@ class Project:
             if n >= len(rows):
                 raise SnapshotNotFound(f"There is no snapshot {text}: the project has {len(rows)}.")
             return rows[-1 - n]
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):  # '²'.isdigit(), but int('²') fails
             raise SnapshotNotFound(
                 f"{text!r} is not a snapshot id (use a number, 'latest' or 'latest~N')."
             )
@@ -685,14 +685,23 @@ class Project:
             (self.state_dir / "intent.json").exists()
             or (staging.is_dir() and any(os.scandir(staging)))
             or self.state.has_open_txns()
+            or self._has_dead_cookies()
         )
+
+    def _has_dead_cookies(self) -> bool:
+        if not any(n.startswith("journal-cookie-") for n in os.listdir(self.state_dir)):
+            return False  # the usual case: no journal, so no owner to look up
+        from ._txn import dead_cookies
+
+        return bool(dead_cookies(self.state_dir))
 
     def _recover_transactions_locked(
         self, *, keep: bool, progress: ProgressFn = no_progress
     ) -> list[str]:
         """Apply the crash policy to transactions whose owner died. A live owner is left alone."""
-        from ._txn import dead_transactions, describe_owner
+        from ._txn import dead_transactions, describe_owner, sweep_dead_cookies
 
+        sweep_dead_cookies(self.state_dir)  # a killed journal's marker file
         groups: dict[str, list[Any]] = {}
         for row in dead_transactions(self.state.txns(status="open")):
             groups.setdefault(row.owner, []).append(row)

@@ -276,7 +276,14 @@ class ProjectState:
             for p in deletes:
                 files.pop(p, None)
             files.update(updates)
-        save_index(self.index_path, files, new_dirs, rules)
+        try:
+            save_index(self.index_path, files, new_dirs, rules)
+        except OSError:
+            # Only a cache (a disk full, say): what it would say is recorded already, and the
+            # old index on disk, still whole, only costs re-hashing. Failing here would report
+            # a snapshot or restore that did happen as failed.
+            self._index = None
+            return
         st = os.stat(self.index_path)
         self._index = Loaded(FileRecords(len(files), data=files), new_dirs, rules)
         self._index_sig = (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -433,6 +435,56 @@ def dead_transactions(rows: list[TxnRow]) -> list[TxnRow]:
 
 def describe_owner(row: TxnRow) -> str:
     return Owner.parse(row.owner).describe()
+
+
+def dead_cookies(state_dir: Path) -> list[str]:
+    """The marker files (``journal-cookie-<run>``, or a ``.<token>`` temp of one) of change
+    journals whose process died.
+
+    Only a running journal's ``stop()`` removes its cookie, so a journal killed with its process
+    (a transaction killed by SIGKILL) would leave it for ever. Each cookie names its owner and
+    pid, so a live journal (``snapfs watch``, another transaction) is never disturbed.
+    """
+    try:
+        names = sorted(n for n in os.listdir(state_dir) if n.startswith("journal-cookie-"))
+    except OSError:
+        return []
+    dead = []
+    for name in names:
+        try:
+            with open(os.path.join(state_dir, name), "rb") as f:
+                text = f.read(4096).decode("utf-8", "replace").strip()
+                age = time.time() - os.fstat(f.fileno()).st_mtime
+        except OSError:
+            continue
+        if not _cookie_alive(text, age):
+            dead.append(name)
+    return dead
+
+
+def sweep_dead_cookies(state_dir: Path) -> list[str]:
+    """Remove the cookies of dead journals (:func:`dead_cookies`); return their names."""
+    removed = []
+    for name in dead_cookies(state_dir):
+        try:
+            os.unlink(os.path.join(state_dir, name))
+        except FileNotFoundError:
+            pass
+        removed.append(name)
+    return removed
+
+
+def _cookie_alive(text: str, age: float) -> bool:
+    # "run=<hex> owner=<Owner JSON, or empty> pid=<pid>" (Journal._write_cookie)
+    m = re.fullmatch(r"run=\S* owner=(.*) pid=(\d+)", text)
+    if m is None:
+        # No owner to ask: a live journal's temp between its creation and its write (for
+        # microseconds), a journal killed right there, or damage. Give a live one time.
+        return age < 60
+    owner = Owner.parse(m.group(1)) if m.group(1) else Owner(0, "", "", "")
+    if owner.pid:
+        return owner.alive()
+    return _running(int(m.group(2)), "")
 
 
 # ---- wrapping a command -------------------------------------------------------------------

@@ -645,7 +645,8 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         if debug:
             _print_traceback()
-        click.echo(f"snapfs: {safe(str(snapfs_error_from(exc)))}", err=True)
+        err = snapfs_error_from(exc, _command(argv if argv is not None else sys.argv[1:]))
+        click.echo(f"snapfs: {safe(str(err))}", err=True)
         sys.exit(ExitCode.ERROR)
     except sqlite3.Error as exc:
         if debug:
@@ -664,10 +665,21 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(ExitCode.OK)
 
 
-def snapfs_error_from(exc: OSError) -> SnapfsError:
+def snapfs_error_from(exc: OSError, command: str = "") -> SnapfsError:
     from snapfs._errors import from_oserror
 
-    return from_oserror(exc, "The command")
+    return from_oserror(exc, f"'snapfs {command}'" if command else "The command")
+
+
+def _command(argv: list[str]) -> str:
+    """The subcommand ``argv`` ran (global options and their values skipped), or ""."""
+    args = iter(argv)
+    for a in args:
+        if a in ("-C", "--store"):
+            next(args, None)
+        elif not a.startswith("-"):
+            return a if a in cli.commands else ""
+    return ""
 
 
 from .ui import ui as _ui  # noqa: E402 - registered last: it needs the group defined above

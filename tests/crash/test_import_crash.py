@@ -74,13 +74,6 @@ PATH = "/m.bin"
 DESTS = ("custom_nodes/nodes", "models/m.bin", "user/default/workflows/wf.json")
 WORKFLOW = '{"nodes": [{"id": 1, "type": "KSampler"}]}\n'
 
-JOURNAL_COOKIE = KnownBug(
-    key="journal-cookie",
-    reason="BUG: a killed step transaction leaves .snapfs/journal-cookie-<run> for ever"
-    " (see tests/crash/test_txn_crash.py)",
-    symptom=r"^leftover \.snapfs/journal-cookie-[0-9a-f]+$",
-    witnesses=("op.step_began:1",),
-)
 PART_RECORD = KnownBug(
     key="orphan-part-record",
     reason="BUG: a download killed after placing DEST leaves its .snapfs-part.db record for"
@@ -116,7 +109,7 @@ WRITE_TEMP = KnownBug(
     witnesses=("place.stored:2",),
     where=r"^(snapshot\.\w+|place\.stored):\d+$",
 )
-KNOWN = [JOURNAL_COOKIE]  # PART_RECORD, REFETCH and WRITE_TEMP are fixed; tests below guard them
+KNOWN: list[KnownBug] = []  # all fixed (journal-cookie: tests/crash/test_txn_crash.py); tests below guard them
 
 
 # ---- the scenario ---------------------------------------------------------------------------
@@ -373,7 +366,7 @@ def test_import_killed_while_placing_the_model_does_not_fetch_it_again(
     verified, placed = pick(cases, ("download.verified", 1), ("download.placed", 1))
     assert verified.index < case.index < placed.index  # the download step's place, not write's
     problems = check_case(world, ref, case, "c")
-    expect_only(problems, REFETCH, case.spec, also=[JOURNAL_COOKIE, PART_RECORD])
+    expect_only(problems, REFETCH, case.spec, also=[PART_RECORD])
 
 
 def test_import_killed_while_the_write_step_stores_its_file_leaves_no_temp(world: World) -> None:
@@ -381,4 +374,4 @@ def test_import_killed_while_the_write_step_stores_its_file_leaves_no_temp(world
     (case,) = pick(cases, ("place.stored", 2))
     assert case.index > pick(cases, ("download.placed", 1))[0].index  # the write step's place
     problems = check_case(world, ref, case, "c")
-    expect_only(problems, WRITE_TEMP, case.spec, also=[JOURNAL_COOKIE])
+    expect_only(problems, WRITE_TEMP, case.spec)

@@ -46,11 +46,8 @@ import pytest
 
 from tests.crash.sweep import (
     Case,
-    KnownBug,
-    KnownBugShows,
     describe_diff,
     every_hit,
-    expect_only,
     expect_sigkill,
     force_rmtree,
     json_of,
@@ -164,20 +161,6 @@ VARIANTS = {
         Variant("py-fail", python=True, fails=True),
     )
 }
-
-JOURNAL_COOKIE = KnownBug(
-    key="journal-cookie",
-    reason=(
-        "BUG: a transaction killed while its change journal runs leaves"
-        " .snapfs/journal-cookie-<run> behind for ever: only Journal.stop() removes it"
-        " (snapfs/_journal.py), and crash recovery (Project._auto_recover,"
-        " _recover_transactions_locked in snapfs/_project.py) never sweeps the cookies of dead"
-        " journals"
-    ),
-    symptom=r"^leftover \.snapfs/journal-cookie-[0-9a-f]+$",
-    witnesses=("txn.begun:1",),
-)
-
 
 # ---- the scenario ---------------------------------------------------------------------------
 
@@ -412,7 +395,7 @@ def run_sweep(tmp_path: Path, v: Variant, counted: list[Case], cases: list[Case]
     def one(case: Case, i: int) -> list[str]:
         return check_case(tmp_path, v, case, case.index >= began_at, f"c{i}")
 
-    sweep(f"transaction {v.name}", cases, one, [JOURNAL_COOKIE])
+    sweep(f"transaction {v.name}", cases, one)
 
 
 # Killed transactions whose recovery is itself killed at every point it passes: one rolled back
@@ -446,7 +429,7 @@ def run_recovery_sweep(tmp_path: Path, v: Variant, which: int | str | None) -> N
     def one(case: Case, i: int) -> list[str]:
         return check_case(tmp_path, v, first, True, f"r{i}", then=case)
 
-    sweep(f"transaction {v.name} killed at {first.spec}, recovery", cases, one, [JOURNAL_COOKIE])
+    sweep(f"transaction {v.name} killed at {first.spec}, recovery", cases, one)
 
 
 # ---- tests ----------------------------------------------------------------------------------
@@ -487,8 +470,9 @@ def test_txn_recovery_crash_sweep_every_hit(tmp_path: Path, variant: str) -> Non
     run_recovery_sweep(tmp_path, VARIANTS[variant], None)
 
 
-@pytest.mark.xfail(strict=True, raises=KnownBugShows, reason=JOURNAL_COOKIE.reason)
 def test_txn_killed_with_its_journal_running_leaves_no_cookie(tmp_path: Path) -> None:
+    # Was a known bug: only Journal.stop() removed .snapfs/journal-cookie-<run>, so a killed
+    # transaction left it for ever; recovery now sweeps the cookies of dead journals.
     v = VARIANTS["run-ok"]
     problems = check_case(tmp_path, v, Case("txn.begun", 1, "pre"), True, "c")
-    expect_only(problems, JOURNAL_COOKIE, "txn.begun:1")
+    assert problems == []
