@@ -716,16 +716,10 @@ def skip_step(project: Project, op: int, index: int | None = None) -> StepRecord
 
     rec = load_operation(project, op)
     total = len(rec.steps)
-    if index is None:
-        cur = rec.next_step
-        if cur is None:
-            raise UsageError(f"Operation {op} has no unfinished step to skip.")
-        index = cur.index
-    if not 0 <= index < total:
+    if index is not None and not 0 <= index < total:
         raise UsageError(f"Operation {op} has steps 1-{total}; there is no step {index + 1}.")
-    srec = rec.steps[index]
-    if srec.status == "skipped":
-        return srec
+    if index is not None and rec.steps[index].status == "skipped":
+        return rec.steps[index]
     if rec.status == "running" and _owner_alive(rec.owner):
         raise LockBusy(f"Operation {op} is running; wait for it to stop first.", owner=rec.owner)
     if rec.status in FINISHED:
@@ -733,6 +727,10 @@ def skip_step(project: Project, op: int, index: int | None = None) -> StepRecord
     if rec.status == "rolled-back":
         raise UsageError(f"Operation {op} was rolled back; there is nothing to skip.")
     nxt = rec.next_step
+    if index is None:
+        if nxt is None:
+            raise UsageError(f"Operation {op} has no unfinished step to skip.")
+        index = nxt.index
     if nxt is None or nxt.index != index:
         where = f"step {nxt.index + 1}" if nxt is not None else "no step"
         raise UsageError(
