@@ -452,10 +452,13 @@ def _run_op(p: Project, op: int) -> None:
             err=True,
         )
         sys.exit(130)
+    skipped = ", ".join(str(i + 1) for i in res.skipped_steps)
     click.echo(
         f"Operation {op} done: {res.ran} step(s) run, {res.skipped} already done"
         + (f", {res.retries} retried" if res.retries else "")
-        + f" ({res.seconds:.1f} s). Restore point: snapshot {res.checkpoint}.",
+        + (f", step(s) {skipped} skipped" if skipped else "")
+        + f" ({res.seconds:.1f} s). Restore point: snapshot {res.checkpoint}."
+        + (f" Result: snapshot {res.post}." if res.post is not None else ""),
         err=True,
     )
 

@@ -535,3 +535,20 @@ def test_an_older_project_db_gains_the_post_column(plain: Failed) -> None:
         assert snapfs.list_operations(p) == []
         cols = {r[1] for r in p.state.db.execute("PRAGMA table_info(operations)")}
         assert "post" in cols
+
+
+def test_cli_ops_skip_then_resume(tmp_path: Path, srv: FaultServer) -> None:
+    failed = _failed_import(tmp_path, srv, times=None)
+    r = failed.cli("ops", "skip", str(failed.op), "1")
+    assert r.returncode == 2 and "Only the step operation 1 stopped at (step 2)" in r.stderr
+    r = failed.cli("ops", "skip", str(failed.op))
+    assert r.returncode == 0, r.stderr
+    assert (
+        "Step 2 of operation 1 (download models/checkpoints/portrait.safetensors) is skipped"
+        in (r.stdout)
+    )
+    r = failed.cli("resume", str(failed.op))
+    assert r.returncode == 0, r.stderr
+    assert "Operation 1 done: 1 step(s) run, 1 already done, step(s) 2 skipped" in r.stderr
+    assert "Result: snapshot" in r.stderr
+    assert not (failed.root / MODEL).exists() and (failed.root / DONE).exists()
