@@ -350,7 +350,8 @@ def _op_issue(rec: OperationRecord, downloads: Sequence[PartialDownload]) -> Iss
     total = len(rec.steps)
     cur = rec.next_step
     n = cur.index + 1 if cur is not None else total
-    step_name = safe(cur.name) if cur is not None else ""
+    # No unfinished step: it stopped after the last one, while recording its result.
+    step_name = safe(cur.name) if cur is not None else "recording the result"
     diag: dict[str, Any] = rec.error or {}
     if cur is not None and cur.error:
         diag = cur.error
