@@ -52,6 +52,7 @@ from ._txn import Transaction, checkpoint, checkpointed, transaction
 
 if TYPE_CHECKING:
     from ._classify import Action, Diagnosis, classify
+    from ._doctor import Fix, FixResult, Issue, apply_fix, problems
     from ._download import DownloadProgress, DownloadResult, download
     from ._import import import_workflow
     from ._ops import (
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
         OpResult,
         list_operations,
         resume,
+        skip_step,
     )
 
 # The recovery manager and the downloader load on first use: a snapshot or a status needs
@@ -72,6 +74,11 @@ _LAZY = {
     "Action": "_classify",
     "Diagnosis": "_classify",
     "classify": "_classify",
+    "Fix": "_doctor",
+    "FixResult": "_doctor",
+    "Issue": "_doctor",
+    "apply_fix": "_doctor",
+    "problems": "_doctor",
     "import_workflow": "_import",
     "OpEvent": "_ops",
     "OperationFailed": "_ops",
@@ -79,6 +86,7 @@ _LAZY = {
     "OpResult": "_ops",
     "list_operations": "_ops",
     "resume": "_ops",
+    "skip_step": "_ops",
 }
 
 
@@ -89,7 +97,7 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     value = getattr(importlib.import_module(f"snapfs.{module}"), name)
-    if module == "_ops":  # operation kinds register themselves when _import loads
+    if module in ("_ops", "_doctor"):  # operation kinds register themselves when _import loads
         importlib.import_module("snapfs._import")
     globals()[name] = value
     return value
@@ -117,8 +125,11 @@ __all__ = [
     "DownloadResult",
     "ExitCode",
     "FilesystemError",
+    "Fix",
+    "FixResult",
     "GcReport",
     "HashMismatch",
+    "Issue",
     "LinkMode",
     "LockBusy",
     "NotAProject",
@@ -145,6 +156,7 @@ __all__ = [
     "UsageError",
     "VerifyReport",
     "__version__",
+    "apply_fix",
     "checkpoint",
     "checkpointed",
     "classify",
@@ -153,6 +165,8 @@ __all__ = [
     "init",
     "list_operations",
     "open",
+    "problems",
     "resume",
+    "skip_step",
     "transaction",
 ]

@@ -145,6 +145,16 @@ class HostBook:
             self._put(HostHealth(host, failures, opened, h.corrupt, h.successes))
             return tripped
 
+    def forget(self, host: str) -> None:
+        """Close ``host``'s breaker and forget its failures in a row: a user says "try it
+        again now". A corrupt record (demotion) stays: that is about its bytes, not its health."""
+        with self._mutex:
+            self._probing.discard(host)
+            h = self._hosts.get(host)
+            if h is None or (h.failures == 0 and h.opened is None):
+                return
+            self._put(HostHealth(host, 0, None, h.corrupt, h.successes))
+
     def demote(self, host: str) -> None:
         """``host`` served corrupt bytes: prefer every other source from now on."""
         with self._mutex:

@@ -14,7 +14,10 @@ process can pick it up. Running it::
                            otherwise                   -> roll the step back (policy "rollback")
                                                           or keep its partial work ("keep"),
                                                           and stop with a guided message
-    done                 the operation and every step are marked done
+    done                 a post checkpoint (kind post) records the result, and a summary
+                         transaction (checkpoint -> post) shows in 'snapfs log' what the
+                         whole operation changed; the operation is marked done, or
+                         done-with-skips if the user skipped a step (skip_step)
 
 A killed process leaves the operation ``running`` with a dead owner and the step's transaction
 open. The next snapfs command rolls that transaction back (the crash policy), and
@@ -39,15 +42,21 @@ from ._crash import crash_point
 from ._errors import Category, LockBusy, SnapfsError, UsageError
 from ._lock import Lock
 from ._retry import RetryPolicy
+from ._scan import ProgressFn, no_progress
 from ._txn import Owner, Transaction
 
 if TYPE_CHECKING:
     from ._classify import Diagnosis
-    from ._project import Project
+    from ._project import Project, RestoreResult
 
 
 # Retryable, but not by waiting: the user has to act first (free space), then resume.
 NEEDS_USER = frozenset({"disk.full"})
+
+# An operation that finished: every step done, or some skipped on the user's request.
+DONE = "done"
+DONE_WITH_SKIPS = "done-with-skips"
+FINISHED = (DONE, DONE_WITH_SKIPS)
 
 
 # ---- steps ----------------------------------------------------------------------------------
@@ -133,7 +142,7 @@ class OperationRecord:
     id: int
     kind: str
     label: str
-    status: str  # pending, running, done, failed, rolled-back
+    status: str  # pending, running, done, done-with-skips, failed, rolled-back
     checkpoint: int | None
     owner: str
     created: float
@@ -141,10 +150,23 @@ class OperationRecord:
     error: dict[str, Any] | None
     steps: tuple[StepRecord, ...]
     plan: dict[str, Any]
+    post: int | None = None  # the post checkpoint taken when it finished
 
     @property
     def failed_step(self) -> StepRecord | None:
         return next((s for s in self.steps if s.status in ("failed", "rolled-back")), None)
+
+    @property
+    def next_step(self) -> StepRecord | None:
+        """The step a resume starts at: the failed one, else the first not done or skipped."""
+        failed = self.failed_step
+        if failed is not None:
+            return failed
+        return next((s for s in self.steps if s.status not in ("done", "skipped")), None)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -186,7 +208,7 @@ def _build(kind: str, plan: dict[str, Any]) -> Sequence[Step]:
 def load_operation(project: Project, op: int) -> OperationRecord:
     db = project.state.db
     row = db.execute(
-        "SELECT id, kind, label, status, checkpoint, owner, created, updated, error, plan"
+        "SELECT id, kind, label, status, checkpoint, owner, created, updated, error, plan, post"
         " FROM operations WHERE id = ?",
         (op,),
     ).fetchone()
@@ -212,6 +234,7 @@ def load_operation(project: Project, op: int) -> OperationRecord:
         json.loads(row[8]) if row[8] else None,
         steps,
         json.loads(row[9]),
+        row[10],
     )
 
 
@@ -341,12 +364,14 @@ class OperationFailed(SnapfsError):
 @dataclass(frozen=True)
 class OpResult:
     id: int
-    status: str
+    status: str  # done, or done-with-skips
     ran: int  # steps run this time
     skipped: int  # steps found done
     retries: int
     checkpoint: int | None
     seconds: float
+    post: int | None = None  # the post checkpoint: the project as the operation left it
+    skipped_steps: tuple[int, ...] = ()  # 0-based indexes of the steps skipped on request
 
 
 # ---- running --------------------------------------------------------------------------------
@@ -402,8 +427,10 @@ class _Runner:
     def run(self) -> OpResult:
         p, op = self.project, self.op
         rec = load_operation(p, op)
-        if rec.status == "done":
-            return OpResult(op, "done", 0, len(rec.steps), 0, rec.checkpoint, 0.0)
+        if rec.finished:
+            gone = tuple(s.index for s in rec.steps if s.status == "skipped")
+            done = len(rec.steps) - len(gone)
+            return OpResult(op, rec.status, 0, done, 0, rec.checkpoint, 0.0, rec.post, gone)
         if rec.status == "rolled-back":
             raise UsageError(
                 f"Operation {op} was rolled back; start it again instead of resuming it."
@@ -423,9 +450,16 @@ class _Runner:
                 OpEvent(op, "checkpoint", f"Restore point: snapshot {info.id}.", total=len(steps))
             )
         ran = skipped = 0
+        skips: list[int] = []
         try:
             for idx, (step, srec) in enumerate(zip(steps, rec.steps, strict=True)):
                 ctx = StepContext(p, op, idx, 0, self.report)
+                if srec.status == "skipped":  # the user chose to go on without it
+                    skips.append(idx)
+                    self.report(
+                        OpEvent(op, "skip", f"{step.name}: skipped, as you asked.", idx, len(steps))
+                    )
+                    continue
                 if self._already_done(step, srec, ctx, len(steps)):
                     skipped += 1
                     continue
@@ -434,9 +468,49 @@ class _Runner:
         except KeyboardInterrupt:
             _set_op(p, op, status="failed", error=json.dumps({"code": "interrupted"}))
             raise
-        _set_op(p, op, status="done")
-        self.report(OpEvent(op, "done", "Done.", total=len(steps)))
-        return OpResult(op, "done", ran, skipped, self.retried, checkpoint, time.monotonic() - t0)
+        status = DONE_WITH_SKIPS if skips else DONE
+        post = self._finish(rec, checkpoint)
+        _set_op(p, op, status=status, post=post)
+        what = f"Done; skipped step(s) {', '.join(str(i + 1) for i in skips)}." if skips else "Done."
+        self.report(OpEvent(op, "done", what, total=len(steps), data={"post": post}))
+        return OpResult(
+            op,
+            status,
+            ran,
+            skipped,
+            self.retried,
+            checkpoint,
+            time.monotonic() - t0,
+            post,
+            tuple(skips),
+        )
+
+    def _finish(self, rec: OperationRecord, checkpoint: int) -> int:
+        """The post checkpoint, and the whole operation as one committed transaction from its
+        restore point to it, so 'snapfs log' shows what the operation changed.
+
+        A crash between the snapshot and the operation's record leaves the operation running
+        with a dead owner; resuming it verifies every step and takes the post checkpoint again
+        (one redundant snapshot, nothing lost)."""
+        from ._diff import change_set
+
+        p = self.project
+        what = rec.label or rec.kind
+        info = p.snapshot(f"after {what}", kind="post")
+        crash_point("op.post_taken")
+        pre = p.state.snapshot(checkpoint)
+        post = p.state.snapshot(info.id)
+        if pre is not None and post is not None:
+            changed = change_set(p.state.tree, pre.root, post.root)
+            p.state.record_txn(
+                label=f"{rec.kind} {what}" if rec.label else rec.kind,
+                checkpoint=checkpoint,
+                post=info.id,
+                owner=Owner.current().dumps(),
+                started=rec.created,
+                changes=json.dumps(changed.to_dict()),
+            )
+        return info.id
 
     def _already_done(self, step: Step, srec: StepRecord, ctx: StepContext, total: int) -> bool:
         try:
@@ -610,16 +684,68 @@ class _Runner:
         ) from exc
 
 
-def rollback_operation(project: Project, op: int) -> int:
+def rollback_operation(project: Project, op: int, *, progress: ProgressFn = no_progress) -> int:
     """Undo a whole operation: restore its pre-operation restore point. Returns that id."""
+    return undo_operation(project, op, progress=progress).target
+
+
+def undo_operation(
+    project: Project, op: int, *, progress: ProgressFn = no_progress
+) -> RestoreResult:
+    """:func:`rollback_operation`, returning the restore's result (its ``pre_restore`` holds
+    the state that was left, so the rollback itself can be undone)."""
     rec = load_operation(project, op)
     if rec.checkpoint is None:
         raise UsageError(f"Operation {op} never started; there is nothing to undo.")
     if rec.status == "running" and _owner_alive(rec.owner):
         raise LockBusy(f"Operation {op} is still running.", owner=rec.owner)
-    project.restore(rec.checkpoint)
+    res = project.restore(rec.checkpoint, progress=progress)
     _set_op(project, op, status="rolled-back")
-    return rec.checkpoint
+    return res
+
+
+def skip_step(project: Project, op: int, index: int | None = None) -> StepRecord:
+    """Mark step ``index`` (0-based; default: the step the operation stopped at) of a failed or
+    interrupted operation as ``skipped``, so that :func:`resume` continues after it.
+
+    Nothing on disk changes: a step that failed was rolled back already (or, with
+    ``on_failure = keep``, its partial work stays). The operation ends as ``done-with-skips``.
+    Skipping a step that is already skipped does nothing, so this is safe to repeat.
+    """
+    from ._txn import dead_transactions
+
+    rec = load_operation(project, op)
+    total = len(rec.steps)
+    if index is not None and not 0 <= index < total:
+        raise UsageError(f"Operation {op} has steps 1-{total}; there is no step {index + 1}.")
+    if index is not None and rec.steps[index].status == "skipped":
+        return rec.steps[index]
+    if rec.status == "running" and _owner_alive(rec.owner):
+        raise LockBusy(f"Operation {op} is running; wait for it to stop first.", owner=rec.owner)
+    if rec.status in FINISHED:
+        raise UsageError(f"Operation {op} already finished; there is nothing to skip.")
+    if rec.status == "rolled-back":
+        raise UsageError(f"Operation {op} was rolled back; there is nothing to skip.")
+    nxt = rec.next_step
+    if index is None:
+        if nxt is None:
+            raise UsageError(f"Operation {op} has no unfinished step to skip.")
+        index = nxt.index
+    if nxt is None or nxt.index != index:
+        where = f"step {nxt.index + 1}" if nxt is not None else "no step"
+        raise UsageError(
+            f"Only the step operation {op} stopped at ({where}) can be skipped, not step"
+            f" {index + 1}."
+        )
+    if dead_transactions(project.state.txns(status="open")):
+        # The interrupted step's changes are still on disk; undo them before going past it.
+        raise UsageError(
+            "An interrupted step's changes are still open.",
+            hint="Run 'snapfs recover' first, then skip the step.",
+        )
+    _set_step(project, op, index, status="skipped", ended=time.time())
+    _set_op(project, op, status="failed" if rec.status == "running" else rec.status)
+    return load_operation(project, op).steps[index]
 
 
 def resume(

@@ -51,7 +51,7 @@ from ._scan import (
     no_progress,
     scan,
 )
-from ._state import KINDS, ProjectState, SnapshotRow
+from ._state import KINDS, NOT_ROLLBACK_TARGETS, ProjectState, SnapshotRow
 from ._threads import executor
 from ._tree import Entry, Kind, decode, encode, tree_oid
 from ._watch import (
@@ -532,9 +532,10 @@ class Project:
     def rollback(
         self, to: str | int | None = None, *, progress: ProgressFn = no_progress
     ) -> RestoreResult:
-        """Restore the latest checkpoint: the newest snapshot that is not a pre-restore one."""
+        """Restore the latest checkpoint: the newest snapshot that is a restore point, not a
+        record of a state being left (``pre-restore``) or of an operation's result (``post``)."""
         if to is None:
-            rows = [r for r in self.state.snapshots() if r.kind != "pre-restore"]
+            rows = [r for r in self.state.snapshots() if r.kind not in NOT_ROLLBACK_TARGETS]
             if not rows:
                 raise SnapshotNotFound("There is no checkpoint to roll back to yet.")
             to = rows[-1].id
@@ -596,9 +597,10 @@ class Project:
             int(r[0])
             for r in self.state.db.execute(
                 "SELECT checkpoint FROM operations WHERE checkpoint IS NOT NULL"
-                " AND status NOT IN ('done', 'rolled-back')"
+                " AND status NOT IN ('done', 'done-with-skips', 'rolled-back')"
                 " UNION SELECT s.checkpoint FROM op_steps s JOIN operations o ON o.id = s.op"
-                " WHERE s.checkpoint IS NOT NULL AND o.status NOT IN ('done', 'rolled-back')"
+                " WHERE s.checkpoint IS NOT NULL"
+                " AND o.status NOT IN ('done', 'done-with-skips', 'rolled-back')"
             )
         )
         if self.state.head is not None:

@@ -17,7 +17,7 @@ from ._errors import DiskFull, FilesystemError, SnapfsError, StateCorrupt
 from ._hashing import Oid
 from ._index import CacheEntry, DirIndex, FileRecords, Index, Loaded, load_index, save_index
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # project.db; see ProjectState._migrate
 
 PROJECT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -56,8 +56,10 @@ CREATE TABLE IF NOT EXISTS operations (
     kind TEXT NOT NULL,
     label TEXT NOT NULL DEFAULT '',
     plan TEXT NOT NULL,                 -- JSON: what to run, enough to resume in a new process
-    status TEXT NOT NULL,               -- pending, running, done, failed, rolled-back
+    status TEXT NOT NULL,               -- pending, running, done, done-with-skips, failed,
+                                        -- rolled-back
     checkpoint INTEGER,                 -- the restore point taken before the first step
+    post INTEGER,                       -- the post checkpoint taken when it finished
     owner TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
     updated REAL NOT NULL,
@@ -92,6 +94,10 @@ CREATE INDEX IF NOT EXISTS errors_by_code ON errors (code);
 """
 
 KINDS = ("manual", "auto", "pre-op", "pre-restore", "post", "pre-import")
+# Kinds that record the state being left (pre-restore) or the result an operation left (post):
+# restorable by id, but never what a plain rollback goes back to. Right after an import its
+# post checkpoint equals the working tree, so a rollback to it would change nothing.
+NOT_ROLLBACK_TARGETS = ("pre-restore", "post")
 
 
 _SQLITE_FULL = 13
@@ -171,12 +177,28 @@ class ProjectState:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.db = connect(path, PROJECT_SCHEMA + OPS_SCHEMA)
+        self._migrate()
         self.index_path = path.with_name("index")
         self._index: Loaded | None = None
         self._index_sig: tuple[int, int, int] | None = None
 
     def close(self) -> None:
         self.db.close()
+
+    def _migrate(self) -> None:
+        """Bring a project.db made by an older snapfs up to this schema. ``user_version`` says
+        which steps are done, so an up-to-date database costs one PRAGMA read."""
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        if version >= SCHEMA_VERSION:
+            return
+        try:
+            with self.db:
+                cols = {r[1] for r in self.db.execute("PRAGMA table_info(operations)")}
+                if "post" not in cols:  # version 2: operations record their post checkpoint
+                    self.db.execute("ALTER TABLE operations ADD COLUMN post INTEGER")
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise from_sqlite(exc, self.path) from exc
 
     # ---- meta ---------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -334,6 +356,27 @@ class ProjectState:
                 " WHERE id = ?",
                 (status, time.time(), changes, post, error, txn),
             )
+
+    def record_txn(
+        self,
+        *,
+        label: str,
+        checkpoint: int,
+        post: int | None,
+        owner: str,
+        started: float,
+        changes: str,
+    ) -> int:
+        """Record work that is already over as one committed transaction (a whole operation's
+        summary for ``snapfs log``). One INSERT: it is never seen open, so crash recovery can
+        never mistake it for a transaction to roll back."""
+        with self.db:
+            cur = self.db.execute(
+                "INSERT INTO transactions (label, parent, checkpoint, post, status, owner,"
+                " started, ended, changes) VALUES (?, NULL, ?, ?, 'committed', ?, ?, ?, ?)",
+                (label, checkpoint, post, owner, started, time.time(), changes),
+            )
+        return int(cur.lastrowid or 0)
 
     def set_txn_owner(self, txn: int, owner: str) -> None:
         with self.db:

@@ -39,9 +39,11 @@ class Ctx:
         self.debug = debug
         self.no_wait = no_wait
 
-    def open(self) -> Project:
+    def open(self, *, recover: bool = True) -> Project:
         overrides: dict[str, Any] = {"lock_wait": False} if self.no_wait else {}
-        project = snapfs.open(self.path or ".", store=self.store, env=dict(os.environ), **overrides)
+        project = snapfs.open(
+            self.path or ".", store=self.store, env=dict(os.environ), recover=recover, **overrides
+        )
         project.on_wait = _say_waiting
         return project
 
@@ -191,10 +193,12 @@ def restore(c: Ctx, ref: str, yes: bool, dry_run: bool) -> None:
 @click.option("--dry-run", "-n", is_flag=True, help="Print the plan and change nothing.")
 @pass_ctx
 def rollback(c: Ctx, to: str | None, yes: bool, dry_run: bool) -> None:
-    """Restore the latest checkpoint (the newest snapshot that isn't a pre-restore one)."""
+    """Restore the latest checkpoint (the newest snapshot that isn't a pre-restore or post one)."""
+    from snapfs._state import NOT_ROLLBACK_TARGETS
+
     with c.open() as p:
         if to is None:
-            rows = [s for s in p.snapshots() if s.kind != "pre-restore"]
+            rows = [s for s in p.snapshots() if s.kind not in NOT_ROLLBACK_TARGETS]
             if not rows:
                 raise snapfs.SnapshotNotFound("There is no checkpoint to roll back to yet.")
             to = str(rows[-1].id)
@@ -448,10 +452,13 @@ def _run_op(p: Project, op: int) -> None:
             err=True,
         )
         sys.exit(130)
+    skipped = ", ".join(str(i + 1) for i in res.skipped_steps)
     click.echo(
         f"Operation {op} done: {res.ran} step(s) run, {res.skipped} already done"
         + (f", {res.retries} retried" if res.retries else "")
-        + f" ({res.seconds:.1f} s). Restore point: snapshot {res.checkpoint}.",
+        + (f", step(s) {skipped} skipped" if skipped else "")
+        + f" ({res.seconds:.1f} s). Restore point: snapshot {res.checkpoint}."
+        + (f" Result: snapshot {res.post}." if res.post is not None else ""),
         err=True,
     )
 
@@ -555,6 +562,54 @@ def ops_rollback(c: Ctx, op: int, yes: bool) -> None:
             )
         cp = rollback_operation(p, op)
     click.echo(f"Operation {op} rolled back: the project is as it was at snapshot {cp}.")
+
+
+@ops.command(name="skip")
+@click.argument("op", type=int)
+@click.argument("step", type=click.IntRange(min=1), required=False)
+@pass_ctx
+def ops_skip(c: Ctx, op: int, step: int | None) -> None:
+    """Skip STEP (default: the step operation OP stopped at); 'snapfs resume' then goes on."""
+    from snapfs._ops import skip_step
+
+    with c.open() as p:
+        rec = skip_step(p, op, None if step is None else step - 1)
+    click.echo(
+        safe(
+            f"Step {rec.index + 1} of operation {op} ({rec.name}) is skipped."
+            f" Run 'snapfs resume {op}' to continue after it."
+        )
+    )
+
+
+@cli.command()
+@click.option("--details", is_flag=True, help="Show the technical detail and what each fix does.")
+@click.option("--deep", is_flag=True, help="Also re-hash all stored data (like 'snapfs verify').")
+@click.option("--json", "as_json", is_flag=True, help="Print the problems (and fix) as JSON.")
+@click.option("--fix", "fix", metavar="N|ID", help="Apply fix N (as numbered in the listing).")
+@click.option("--problem", "problem", metavar="ID", help="Only this problem (e.g. op-7).")
+@click.option("--yes", "-y", is_flag=True, help="Don't ask before a fix that loses data.")
+@pass_ctx
+def doctor(
+    c: Ctx,
+    details: bool,
+    deep: bool,
+    as_json: bool,
+    fix: str | None,
+    problem: str | None,
+    yes: bool,
+) -> None:
+    """List the project's problems with numbered fixes; --fix N applies one.
+
+    Exit 0: no problems (or the fix was applied), 1: problems found, 2: bad usage, 3: the fix
+    failed.
+    """
+    from .doctor import run_doctor
+
+    code = run_doctor(
+        c, details=details, deep=deep, as_json=as_json, fix=fix, problem=problem, yes=yes
+    )
+    sys.exit(code)
 
 
 @cli.command()

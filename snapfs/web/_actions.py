@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from snapfs._download import DownloadProgress
-from snapfs._ops import OpEvent, load_operation, rollback_operation, run_operation
+from snapfs._ops import OpEvent, load_operation, run_operation, skip_step, undo_operation
 from snapfs._scan import Progress
 
 from ._inspect import human_bytes, partial_download, safe, what_of
@@ -102,20 +102,56 @@ def rollback_op(registry: Registry, ref: ProjectRef, op: int) -> JobFn:
     def run(ctx: JobContext) -> dict[str, Any]:
         with registry.open(ref, writer=True) as p:
             rec = load_operation(p, op)
-            if rec.checkpoint is None:
-                from snapfs._errors import UsageError
-
-                raise UsageError(f"Operation {op} never started; there is nothing to undo.")
-            # Restore with progress first; rollback_operation then finds the tree already
-            # equal (a scan, no second pre-restore snapshot) and marks the operation.
-            # library: rollback_operation(progress=...) would make this one call.
-            res = p.restore(rec.checkpoint, progress=restore_progress(ctx, _RESTORE_PHASES))
-            cp = rollback_operation(p, op)
-            pre = res.pre_restore
+            res = undo_operation(p, op, progress=restore_progress(ctx, _RESTORE_PHASES))
+            cp, pre = res.target, res.pre_restore
         msg = f"{what_of(rec)} was undone: the project is as it was at snapshot {cp}."
         if pre is not None:
             msg += f" The state before the rollback is saved as snapshot {pre}."
         return {"message": msg, "op": op, "snapshot": cp, "pre_restore": pre}
+
+    return run
+
+
+def skip_op(registry: Registry, ref: ProjectRef, op: int, step: int | None) -> JobFn:
+    """Skip step ``step`` (1-based; None: the one it stopped at), then run the rest."""
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        with registry.open(ref, writer=True) as p:
+            skipped = skip_step(p, op, None if step is None else step - 1)
+            rec = load_operation(p, op)
+            ctx.progress(
+                100.0
+                * sum(s.status in ("done", "skipped") for s in rec.steps)
+                / max(len(rec.steps), 1),
+                f"Skipped step {skipped.index + 1} ({safe(skipped.name)})",
+            )
+            res = run_operation(p, op, report=OpProgress(ctx, len(rec.steps)))
+            what = what_of(rec)
+        done = ", ".join(str(i + 1) for i in res.skipped_steps)
+        msg = f"{what} finished without step(s) {done}: {res.ran} step(s) run."
+        return {
+            "message": msg,
+            "op": op,
+            "status": res.status,
+            "checkpoint": res.checkpoint,
+            "post": res.post,
+            "skipped": [i + 1 for i in res.skipped_steps],
+        }
+
+    return run
+
+
+def apply_fix(registry: Registry, ref: ProjectRef, issue: str, fix: str) -> JobFn:
+    """Any other fix the library's doctor offers, applied by problem and fix id."""
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        from snapfs._doctor import apply_fix as doctor_fix
+
+        # Not a recovering open: that would apply the crash policy before the fix could choose.
+        with registry.open(ref, writer=True, recover=False) as p:
+            ctx.progress(None, "Applying the fix")
+            res = doctor_fix(p, issue, fix, progress=restore_progress(ctx, _RESTORE_PHASES))
+        return {"message": res.message, "changed": res.changed, **res.data}
 
     return run
 

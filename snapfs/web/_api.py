@@ -242,7 +242,7 @@ def register(bp: SnapfsBlueprint, panel: Panel) -> None:
         ref = panel.project(pid)
         n, rec = _op(ref, op)
         state = inspect.op_state(rec)
-        if state == "done":
+        if rec.finished:
             raise ApiError(409, f"Operation {n} already finished; there is nothing to resume.")
         if state == "rolled-back":
             raise ApiError(409, f"Operation {n} was rolled back; start it again instead.")
@@ -259,6 +259,37 @@ def register(bp: SnapfsBlueprint, panel: Panel) -> None:
     def api_op_retry(pid: str, op: str) -> Response:
         """Retry the failed step: the same as resuming (the step runs again first)."""
         return _resume(pid, op)
+
+    @bp.post("/api/projects/<pid>/operations/<op>/skip")
+    def api_op_skip(pid: str, op: str) -> Response:
+        """Skip the step the operation stopped at ({"step": N} names it, 1-based), then run
+        the steps after it."""
+        ref = panel.project(pid)
+        n, rec = _op(ref, op)
+        raw = _body().get("step")
+        step = None if raw is None else parse_id(raw, "step")
+        state = inspect.op_state(rec)
+        if rec.finished:
+            raise ApiError(409, f"Operation {n} already finished; there is nothing to skip.")
+        if state == "rolled-back":
+            raise ApiError(409, f"Operation {n} was rolled back; there is nothing to skip.")
+        if state == "running":
+            raise ApiError(409, f"Operation {n} is running in another process.")
+        cur = rec.next_step
+        if step is not None and step > len(rec.steps):
+            raise ApiError(400, f"Operation {n} has steps 1-{len(rec.steps)}, not {step}.")
+        if step is not None and rec.steps[step - 1].status == "skipped":
+            raise ApiError(409, f"Step {step} of operation {n} is already skipped.")
+        if cur is None:
+            raise ApiError(409, f"Operation {n} has no unfinished step to skip.")
+        if step is not None and step != cur.index + 1:
+            raise ApiError(
+                409,
+                f"Only the step operation {n} stopped at (step {cur.index + 1}) can be skipped.",
+            )
+        what = inspect.what_of(rec)
+        title = f"Skip step {cur.index + 1} of {what[:1].lower()}{what[1:]}"
+        return start(ref, "skip", title, actions.skip_op(panel.registry, ref, n, step), op=n)
 
     @bp.post("/api/projects/<pid>/operations/<op>/rollback")
     def api_op_rollback(pid: str, op: str) -> Response:
@@ -306,6 +337,21 @@ def register(bp: SnapfsBlueprint, panel: Panel) -> None:
             raise ApiError(400, '"keep" is true or false.')
         title = "Keep the interrupted changes" if keep else "Finish interrupted work"
         return start(ref, "recover", title, actions.recover(panel.registry, ref, keep=keep))
+
+    @bp.post("/api/projects/<pid>/problems/<problem>/fixes/<fix>")
+    def api_problem_fix(pid: str, problem: str, fix: str) -> Response:
+        """Apply one of a problem's fixes by its ids (what the library's doctor offers)."""
+        ref = panel.project(pid)
+        v = panel.view(ref)
+        found = next((i for i in v.problems if i.id == problem), None)
+        if found is None:
+            raise ApiError(404, f"There is no open problem {problem[:80]!r} in project {pid}.")
+        chosen = next((f for f in found.fixes if f.id == fix), None)
+        if chosen is None:
+            raise ApiError(404, f"Problem {found.id} has no fix {fix[:40]!r}.")
+        return start(
+            ref, "fix", chosen.label, actions.apply_fix(panel.registry, ref, found.id, chosen.id)
+        )
 
     @bp.post("/api/projects/<pid>/verify")
     def api_verify(pid: str) -> Response:

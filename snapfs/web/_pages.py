@@ -30,6 +30,8 @@ STATE_NAMES = {
     "interrupted": "Interrupted",
     "failed": "Failed",
     "done": "Done",
+    "done-with-skips": "Done, steps skipped",
+    "paused": "Waiting to continue",
     "rolled-back": "Rolled back",
     "skipped": "Skipped",
 }
@@ -135,10 +137,17 @@ def _operations(bp: str, panel: Panel, pid: str) -> dict[str, Any]:
         op["state_name"] = STATE_NAMES.get(op["state"], op["state"])
         for s in op["steps"]:
             s["state_name"] = STATE_NAMES.get(s["status"], s["status"])
-        unfinished = op["state"] in ("failed", "interrupted", "pending")
+        unfinished = op["state"] in inspect.UNFINISHED
         op["resume_url"] = (
             url_for(f"{bp}.api_op_resume", pid=pid, op=str(op["id"])) if unfinished else None
         )
+        cur = op["current"]
+        op["skip_url"] = (
+            url_for(f"{bp}.api_op_skip", pid=pid, op=str(op["id"]))
+            if op["state"] in ("failed", "interrupted") and cur is not None
+            else None
+        )
+        op["skip_step"] = cur["number"] if cur is not None else None
         op["rollback_url"] = (
             url_for(f"{bp}.api_op_rollback", pid=pid, op=str(op["id"]))
             if op["checkpoint"] is not None and op["state"] not in ("running", "rolled-back")

@@ -147,7 +147,7 @@ class Panel:
                 )
 
 
-def fix_dict(bp: str, pid: str, fix: inspect.Fix) -> dict[str, Any]:
+def fix_dict(bp: str, pid: str, fix: inspect.Fix, issue_id: str = "") -> dict[str, Any]:
     """A fix as the client applies it: the route to POST, its JSON body, the preview to show."""
     body: dict[str, Any] = {}
     if fix.action == "resume-op":
@@ -159,8 +159,11 @@ def fix_dict(bp: str, pid: str, fix: inspect.Fix) -> dict[str, Any]:
         body = {"keep": bool(fix.params.get("keep"))}
     elif fix.action == "resume-download":
         url = url_for(f"{bp}.api_download_resume", pid=pid, key=fix.params["key"])
-    else:  # pragma: no cover - every Fix action is listed above
-        raise ValueError(fix.action)
+    elif fix.action == "skip-op":
+        url = url_for(f"{bp}.api_op_skip", pid=pid, op=fix.params["op"])
+        body = {"step": int(fix.params["step"])}
+    else:  # anything else the library's doctor offers: applied by problem and fix id
+        url = url_for(f"{bp}.api_problem_fix", pid=pid, problem=issue_id, fix=fix.id)
     preview = (
         url_for(f"{bp}.api_snapshot_preview", pid=pid, sid=str(fix.preview))
         if fix.preview is not None
@@ -181,7 +184,7 @@ def fix_dict(bp: str, pid: str, fix: inspect.Fix) -> dict[str, Any]:
 def issue_dict(bp: str, pid: str, issue: inspect.Issue) -> dict[str, Any]:
     d = issue.to_dict()
     d["project"] = pid
-    d["fixes"] = [fix_dict(bp, pid, f) for f in issue.fixes]
+    d["fixes"] = [fix_dict(bp, pid, f, issue.id) for f in issue.fixes]
     return d
 
 

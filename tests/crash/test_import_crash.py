@@ -327,9 +327,12 @@ def count(w: World) -> tuple[list[Case], Reference]:
     assert (root / DESTS[2]).read_text() == WORKFLOW
     seq = read_hits(hits)
     ops = [p for p in seq if p.startswith("op.")]
-    assert (
-        ops == ["op.checkpoint_taken"] + ["op.step_began", "op.step_ran", "op.step_committed"] * 3
-    ), seq
+    # ... then the post checkpoint of the finished import (issue 5, scenario 12).
+    assert ops == ["op.checkpoint_taken"] + [
+        "op.step_began",
+        "op.step_ran",
+        "op.step_committed",
+    ] * 3 + ["op.post_taken"], seq
     assert seq.count("download.extent_recorded") == SIZE // CHUNK, seq
     ref = reference(w, initial, tree_state(root))
     shutil.rmtree(root)

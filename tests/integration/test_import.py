@@ -688,7 +688,13 @@ def test_sigkill_mid_import_then_resume_in_a_new_process(
         assert [s.status for s in rec.steps] == ["done", "done", "done"]
         # The killed step's transaction was rolled back by the next snapfs process.
         txns = sorted(p.state.txns(), key=lambda t: t.id)
-        assert [t.status for t in txns] == ["committed", "committed", "recovered", "committed"]
+        assert [t.status for t in txns[:4]] == ["committed", "committed", "recovered", "committed"]
+        # Then the whole import, recorded from its restore point to its post checkpoint.
+        assert (txns[4].status, txns[4].checkpoint, txns[4].post) == (
+            "committed",
+            rec.checkpoint,
+            rec.post,
+        )
     assert partials(root) == []
 
 

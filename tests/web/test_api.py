@@ -71,15 +71,17 @@ def test_status_names_the_failed_import_and_its_fixes(
     assert problem["state"] == "The project is back as it was before step 2; step 1 is kept."
     assert "Check the link" in problem["advice"]
     assert "HTTP 404" in problem["detail"]
-    assert [f["id"] for f in problem["fixes"]] == ["resume", "rollback"]
-    resume, rollback = problem["fixes"]
+    assert [f["id"] for f in problem["fixes"]] == ["resume", "skip-2", "rollback"]
+    resume, skip, rollback = problem["fixes"]
     assert resume["url"] == f"/api/projects/0/operations/{ro_failed.op}/resume"
     assert "Nothing is lost" in resume["confirm"]
+    assert skip["url"] == f"/api/projects/0/operations/{ro_failed.op}/skip"
+    assert skip["body"] == {"step": 2} and "skipped" in skip["confirm"]
     assert rollback["url"] == f"/api/projects/0/operations/{ro_failed.op}/rollback"
     assert "saved first as a pre-restore snapshot" in rollback["confirm"]
     assert rollback["preview"].endswith("/preview")
     assert d["banner"]["text"] == (
-        "Import of portrait workflow failed at step 2 of 3, 2 fixes available"
+        "Import of portrait workflow failed at step 2 of 3, 3 fixes available"
     )
 
 
@@ -130,7 +132,7 @@ def test_pages_render_with_safe_headers(ro_client: FlaskClient, ro_failed: Faile
         r = ro_client.get(url)
         assert r.status_code == 200, url
         html = r.get_data(as_text=True)
-        assert "Import of portrait workflow failed at step 2 of 3, 2 fixes available" in html
+        assert "Import of portrait workflow failed at step 2 of 3, 3 fixes available" in html
         csp = r.headers["Content-Security-Policy"]
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp
         assert "frame-ancestors 'self'" in csp and r.headers["X-Frame-Options"] == "SAMEORIGIN"
@@ -356,7 +358,10 @@ def test_rollback_puts_the_files_on_disk_back_and_can_be_undone(
     assert f"saved as snapshot {pre}" in job["message"]
     snaps = client.get("/api/projects/0/snapshots").get_json()
     assert snaps["head"] == failed.initial
-    assert [s["kind"] for s in snaps["snapshots"] if s["id"] == pre] == ["pre-restore"]
+    # The state that was left is the import's post checkpoint: it recorded that state
+    # exactly, so the restore took no pre-restore snapshot to repeat it.
+    assert [s["kind"] for s in snaps["snapshots"] if s["id"] == pre] == ["post"]
+    assert [s["kind"] for s in snaps["snapshots"]].count("pre-restore") == 0
     # The pre-restore snapshot undoes the rollback, exactly.
     finish(app, post(client, f"/api/projects/0/snapshots/{pre}/restore"))
     assert tree_state(failed.root) == after_import
@@ -682,7 +687,7 @@ def test_the_banner_in_a_host_app(web: Any, failed: FailedImport) -> None:
 
         c = host.test_client()
         html = c.get("/").get_data(as_text=True)
-        assert "Import of portrait workflow failed at step 2 of 3, 2 fixes available" in html
+        assert "Import of portrait workflow failed at step 2 of 3, 3 fixes available" in html
         assert 'href="/snapfs/#problem-0-op-' in html and "/snapfs/snapfs-static/snapfs.css" in html
         assert 'data-snapfs-events="/snapfs/api/events"' in html
         # The host's own pages get none of the panel's headers.

@@ -51,7 +51,7 @@ pytestmark = [
     ),
 ]
 
-BANNER = "Import of portrait workflow failed at step 2 of 3, 2 fixes available"
+BANNER = "Import of portrait workflow failed at step 2 of 3, 3 fixes available"
 
 
 @pytest.fixture
@@ -240,11 +240,13 @@ def test_fix_a_failed_import_then_roll_back_from_the_timeline(served: Served, pa
     done = page.locator(".toast-ok", has_text=f"Rolled back to snapshot {failed.initial}")
     done.wait_for(timeout=30_000)
     assert "(fresh install)" in done.inner_text() and "previous state is saved" in done.inner_text()
-    # The timeline is refreshed: the state that was left is the newest checkpoint.
+    # The timeline is refreshed: the rolled-back-to checkpoint is HEAD now. The state that was
+    # left is the import's post checkpoint, the newest: it recorded that state exactly, so no
+    # pre-restore snapshot repeats it.
+    item.get_by_text("HEAD: last taken or restored").wait_for()
     newest = page.locator(".timeline > li").first
-    newest.get_by_text("Before a rollback").wait_for()
-    assert "before restoring" in newest.inner_text()
-    assert "HEAD: last taken or restored" in item.inner_text()
+    assert "After an operation" in newest.inner_text()
+    assert "after portrait workflow" in newest.inner_text()
     # And on disk the project is exactly as it was at that checkpoint.
     assert tree_state(root) == failed.before
     assert not (root / MODEL).exists()
