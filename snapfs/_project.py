@@ -297,7 +297,8 @@ class Project:
             raise SnapshotNotFound(
                 f"{text!r} is not a snapshot id (use a number, 'latest' or 'latest~N')."
             )
-        row = self.state.snapshot(int(text))
+        sid = int(text)
+        row = self.state.snapshot(sid) if sid < 1 << 63 else None  # SQLite's INTEGER is 64-bit
         if row is None:
             raise SnapshotNotFound(
                 f"There is no snapshot {text}.", hint="'snapfs list' shows the snapshots."
