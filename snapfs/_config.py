@@ -32,6 +32,18 @@ def parse_size(value: str | int) -> int:
     return int(m.group(1)) * _UNITS[unit]
 
 
+def human_bytes(n: int | float | None) -> str:
+    """A byte count as people read it: ``1.5 GiB``. The inverse of :func:`parse_size`."""
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
 def _parse_bool(value: str | bool) -> bool:
     if isinstance(value, bool):
         return value

@@ -57,6 +57,7 @@ from urllib.parse import quote
 
 import xxhash
 
+from ._config import human_bytes
 from ._errors import SnapfsError, StateCorrupt, UsageError
 from ._ops import (
     OperationRecord,
@@ -85,17 +86,6 @@ UNFINISHED = ("failed", "interrupted", "pending", "paused")
 
 
 # ---- small helpers --------------------------------------------------------------------------
-def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
 
@@ -937,11 +927,19 @@ def _resume_download(
     progress: ProgressFn,
     dl: Callable[[DownloadProgress], None] | None,
 ) -> FixResult:
-    from ._download import download
-
     d = partial_download(p, str(fix.params["key"]))
     if d is None:
         return FixResult(issue.id, fix.id, False, "That download finished or was removed.")
+    message = resume_partial(p, d, dl or _no_download_events)
+    return FixResult(issue.id, fix.id, True, message, {"dest": safe(d.dest)})
+
+
+def resume_partial(
+    p: Project, d: PartialDownload, progress: Callable[[DownloadProgress], None]
+) -> str:
+    """Finish a stopped download from its recorded sources and digests; says what it did."""
+    from ._download import download
+
     res = download(
         d.url,
         d.dest,
@@ -950,15 +948,11 @@ def _resume_download(
         xxh128=d.xxh128 or None,
         size=d.size,
         project=p,
-        progress=dl or _no_download_events,
+        progress=progress,
     )
-    return FixResult(
-        issue.id,
-        fix.id,
-        True,
+    return (
         f"Downloaded {safe(d.dest)} ({human_bytes(res.size)}; {human_bytes(res.fetched)} "
-        f"fetched, {human_bytes(res.resumed)} resumed).",
-        {"dest": safe(d.dest)},
+        f"fetched, {human_bytes(res.resumed)} resumed)."
     )
 
 

@@ -19,11 +19,11 @@ import click
 
 import snapfs
 from snapfs import ExitCode, SnapfsError
+from snapfs._config import human_bytes
 from snapfs._project import Project
 from snapfs._state import from_sqlite
 
 from .render import (
-    human_bytes,
     print_changes,
     print_plan,
     print_snapshots,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from snapfs import Changes, Progress, SnapshotInfo
+from snapfs._config import human_bytes
 from snapfs._scan import ProgressFn, no_progress
 
 if TYPE_CHECKING:
@@ -20,15 +21,6 @@ if TYPE_CHECKING:
 def safe(text: str) -> str:
     """Printable form of text that may hold undecodable bytes of a file name (PEP 383)."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def print_snapshots(snaps: Sequence[SnapshotInfo], head: int | None) -> None:

@@ -198,7 +198,7 @@ def recover(registry: Registry, ref: ProjectRef, *, keep: bool) -> JobFn:
 
 def resume_download(registry: Registry, ref: ProjectRef, key: str) -> JobFn:
     def run(ctx: JobContext) -> dict[str, Any]:
-        from snapfs._download import download
+        from snapfs._doctor import resume_partial
 
         with registry.open(ref, writer=True) as p:
             d = partial_download(p, key)
@@ -215,21 +215,8 @@ def resume_download(registry: Registry, ref: ProjectRef, key: str) -> JobFn:
                 ctx.progress(pct, text)
                 ctx.event("download", {"key": key, "done": ev.done, "total": ev.total})
 
-            res = download(
-                d.url,
-                d.dest,
-                mirrors=d.sources[1:],
-                sha256=d.sha256 or None,
-                xxh128=d.xxh128 or None,
-                size=d.size,
-                project=p,
-                progress=progress,
-            )
-        return {
-            "message": f"Downloaded {safe(d.dest)} ({human_bytes(res.size)}; "
-            f"{human_bytes(res.fetched)} fetched, {human_bytes(res.resumed)} resumed).",
-            "dest": safe(d.dest),
-        }
+            message = resume_partial(p, d, progress)
+        return {"message": message, "dest": safe(d.dest)}
 
     return run
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from snapfs._config import human_bytes
 from snapfs._doctor import (
     KEY,
     PART_SUFFIX,
@@ -20,7 +21,6 @@ from snapfs._doctor import (
     Issue,
     PartialDownload,
     flock_held,
-    human_bytes,
     op_state,
     partial_download,
     partial_downloads,
