@@ -305,6 +305,58 @@ def test_cli_restore_through_a_planted_symlink(project_dir: Path, outside: Outsi
     assert tree_state(project_dir) == expected
 
 
+def test_a_directory_swapped_for_a_symlink_between_plan_and_apply(
+    project: snapfs.Project, outside: Outside, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race: the plan was made against a real directory, which is replaced by a link out
+    of the project just before the files land. Nothing lands outside; the restore stops or
+    lands safely, and recovery finishes it exactly."""
+    import snapfs._restore as restore_mod
+
+    root = project.root
+    write(root, "plugin/f.txt", "the project's f.txt")
+    write(root, "plugin/sub/g.txt", "the project's g.txt")
+    expected = tree_state(root)
+    snap = project.snapshot()
+    write(root, "plugin/f.txt", "changed")  # the restore has to put f.txt and sub/g.txt back
+    write(root, "plugin/sub/g.txt", "changed too")
+    project.snapshot()
+    before = outside.fingerprint()
+    real_apply = restore_mod._apply
+
+    def swap_then_apply(*args: object, **kwargs: object) -> object:
+        shutil.rmtree(root / "plugin")
+        os.symlink(outside.root, root / "plugin")
+        return real_apply(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(restore_mod, "_apply", swap_then_apply)
+    with pytest.raises(snapfs.UnsafePath):
+        project.restore(snap.id)
+    monkeypatch.setattr(restore_mod, "_apply", real_apply)
+    assert outside.fingerprint() == before
+    assert (project.state_dir / "intent.json").exists()  # stopped after the intent: recoverable
+    project.recover()
+    assert outside.fingerprint() == before
+    assert tree_state(root) == expected
+
+
+def test_a_case_only_rename_round_trips(project: snapfs.Project) -> None:
+    root = project.root
+    write(root, "models/Model.safetensors", "weights")
+    write(root, "README.md", "r")
+    first = tree_state(root)
+    snap = project.snapshot()
+    os.rename(root / "models/Model.safetensors", root / "models/model.safetensors")
+    os.rename(root / "README.md", root / "readme.md")
+    renamed = tree_state(root)
+    assert project.status().added == ["models/model.safetensors", "readme.md"]
+    snap2 = project.snapshot()
+    project.restore(snap.id)
+    assert tree_state(root) == first
+    project.restore(snap2.id)
+    assert tree_state(root) == renamed
+
+
 # ---- FIFOs and sockets ---------------------------------------------------------------------
 
 
