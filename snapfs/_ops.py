@@ -699,6 +699,12 @@ def undo_operation(
         raise UsageError(f"Operation {op} never started; there is nothing to undo.")
     if rec.status == "running" and _owner_alive(rec.owner):
         raise LockBusy(f"Operation {op} is still running.", owner=rec.owner)
+    if rec.status == "rolled-back":
+        # Again would throw away whatever was done since, for nothing the user asked for.
+        raise UsageError(
+            f"Operation {op} was already rolled back; nothing to undo.",
+            hint=f"To go back to its restore point anyway: snapfs restore {rec.checkpoint}",
+        )
     res = project.restore(rec.checkpoint, progress=progress)
     _set_op(project, op, status="rolled-back")
     return res

@@ -525,6 +525,11 @@ def test_rollback_operation_restores_the_pre_import_checkpoint(
     assert resumable(project) is None
     with pytest.raises(UsageError, match="was rolled back"):
         run_operation(project, op)
+    # Work done since the rollback is not thrown away by a second one.
+    write(root, "later.txt", "work done after the rollback")
+    with pytest.raises(UsageError, match="already rolled back"):
+        rollback_operation(project, op)
+    assert (root / "later.txt").read_text() == "work done after the rollback"
 
 
 def test_rollback_of_an_operation_that_never_started(project: snapfs.Project) -> None:
@@ -573,6 +578,9 @@ def test_ops_rollback_via_the_cli(root: Path, tmp_path: Path, srv: FaultServer) 
     assert tree_state(root) == before
     rows = json.loads(run_cli("-C", str(root), "ops", "--json", env=env, input="").stdout)
     assert rows[0]["status"] == "rolled-back"
+    r = run_cli("-C", str(root), "ops", "rollback", str(op), "-y", env=env, input="")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "already rolled back" in r.stderr
 
 
 # ---- error history --------------------------------------------------------------------------
