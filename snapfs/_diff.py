@@ -34,14 +34,29 @@ class Changes:
         return {"added": self.added, "modified": self.modified, "deleted": self.deleted}
 
 
+# Decoded trees by oid. A tree's oid is the digest of its bytes, so an entry can never go
+# stale; a rollback or restore walks the same trees up to three times (what changed, the
+# plan, what it undid), and decoding is most of a walk's cost. Bounded, and read-only: callers
+# must not change the dicts they get.
+_DECODED: dict[Oid, dict[bytes, Entry]] = {}
+_DECODED_MAX = 16384
+
+
 def load_entries(load: TreeLoader, oid: Oid) -> dict[bytes, Entry]:
+    entries = _DECODED.get(oid)
+    if entries is not None:
+        return entries
     data = load(oid)
     if data is None:
         raise StateCorrupt(
             f"Tree {oid.hex()} is missing from the snapfs state.",
             hint="Run 'snapfs verify' to see which snapshots are affected.",
         )
-    return {e.name: e for e in decode(data)}
+    entries = {e.name: e for e in decode(data)}
+    if len(_DECODED) >= _DECODED_MAX:
+        _DECODED.clear()
+    _DECODED[oid] = entries
+    return entries
 
 
 def walk_diff(

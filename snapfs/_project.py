@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ._restore import Intent, Op
     from ._txn import Transaction
 
+from . import _trash as trash
 from ._config import Config, load_config
 from ._crash import crash_point
 from ._diff import Changes, ChangeSet, TreeLoader, change_set, changes, walk_diff, walk_tree
@@ -689,6 +690,7 @@ class Project:
             or (staging.is_dir() and any(os.scandir(staging)))
             or self.state.has_open_txns()
             or self._has_dead_cookies()
+            or trash.has_leftovers(self.state_dir)
         )
 
     def _has_dead_cookies(self) -> bool:
@@ -793,10 +795,12 @@ class Project:
         return f"Finished an interrupted restore of snapshot {intent.target} ({len(plan)} changes)."
 
     def _sweep_staging(self) -> None:
+        """Remove what interrupted restores left: staging dirs, and trash nobody is emptying."""
         staging = self.state_dir / "staging"
         if staging.is_dir():
             for name in os.listdir(staging):
                 shutil.rmtree(staging / name, ignore_errors=True)
+        trash.sweep(self.state_dir)
 
     # ---- verify -------------------------------------------------------------------------
     def verify(self, progress: ProgressFn = no_progress) -> VerifyReport:

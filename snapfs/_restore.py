@@ -45,6 +45,7 @@ from ._index import CacheEntry
 from ._objects import ObjectStore
 from ._scan import RACY_NS, Progress, ProgressFn, is_racy, is_racy_mtime, no_progress
 from ._threads import LazyPool, Pool
+from ._trash import Trash
 from ._tree import Entry, Kind
 
 INTENT_VERSION = 1
@@ -221,6 +222,7 @@ def apply_restore(
     # Creating and unlinking files is mostly waiting on the disk's journal: a few threads
     # do it several times faster. They start only when there is enough of it to pay for them.
     pool = LazyPool(max_workers=IO_THREADS, thread_name_prefix="snapfs-restore")
+    remover = _Remover(Trash(state_dir), keep, pool)
     try:
         try:
             staged = _stage(plan, store, sfd, progress, pool)
@@ -235,7 +237,7 @@ def apply_restore(
             shutil.rmtree(staging, ignore_errors=True)
             raise
         crash_point("restore.intent_written")
-        result = _apply(plan, root_fd, sfd, keep, progress, staged, store, pool)
+        result = _apply(plan, root_fd, sfd, remover, progress, staged, store)
         # The renames durable before the intent goes away.
         parents = {os.path.dirname(op.relpath) for op in plan}
         make_durable(
@@ -247,6 +249,19 @@ def apply_restore(
         pool.shutdown()
         os.close(root_fd)
         os.close(sfd)
+        remover.trash.empty()  # garbage from the moment it moved: nothing refers to it
+
+
+class _Remover:
+    """How the apply removes what the target lacks: into the trash when nothing in it is kept
+    (one rename), else deleted in place around the kept paths, with the pool's threads."""
+
+    def __init__(self, trash: Trash, keep: Callable[[bytes], bool], pool: Pool) -> None:
+        self.trash, self.keep, self.pool = trash, keep, pool
+
+    def remove(self, dir_fd: int, name: bytes, relpath: bytes) -> None:
+        if not self.trash.take(dir_fd, name, self.keep, relpath):
+            remove_entry(dir_fd, name, self.keep, relpath, self.pool)
 
 
 class Staged(NamedTuple):
@@ -317,17 +332,16 @@ def _apply(
     plan: list[Op],
     root_fd: int,
     sfd: int,
-    keep: Callable[[bytes], bool],
+    remover: _Remover,
     progress: ProgressFn,
     staged: Mapping[int, Staged],
     store: ObjectStore,
-    pool: Pool,
 ) -> Applied:
     out = Applied([], [], len(plan))
     start_ns = time.time_ns()
     for i, op in enumerate(plan):
         try:
-            _apply_one(i, op, root_fd, sfd, keep, out, start_ns, staged.get(i), pool)
+            _apply_one(i, op, root_fd, sfd, remover, out, start_ns, staged.get(i))
         except OSError as exc:
             raise from_oserror(exc, "Restoring", os.fsdecode(op.relpath)) from exc
         crash_point("restore.after_op")
@@ -344,15 +358,14 @@ def _apply_one(
     op: Op,
     root_fd: int,
     sfd: int,
-    keep: Callable[[bytes], bool],
+    remover: _Remover,
     out: Applied,
     start_ns: int,
     staged: Staged | None,
-    pool: Pool,
 ) -> None:
     with open_parent(root_fd, op.relpath, create=op.action != "remove") as (pfd, name):
         if op.action == "remove":
-            remove_entry(pfd, name, keep, op.relpath, pool)
+            remover.remove(pfd, name, op.relpath)
             out.removed.append(op.relpath)
         elif op.action == "mkdir":
             try:
@@ -369,7 +382,7 @@ def _apply_one(
             except FileNotFoundError:
                 pass  # already landed before a crash; the recovery re-plan will confirm
             except IsADirectoryError:
-                remove_entry(pfd, name, keep, op.relpath, pool)
+                remover.remove(pfd, name, op.relpath)
                 os.rename(staged_name, name, src_dir_fd=sfd, dst_dir_fd=pfd)
             crash_point("restore.after_rename")
             if op.action == "put":

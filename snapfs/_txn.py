@@ -291,12 +291,13 @@ class Transaction:
         if self.status != "open":
             raise UsageError(f"This transaction is already {self.status}.")
         assert self.checkpoint is not None and self.id is not None
+        hint = self._hint()
+        # Its account taken, the journal is done: stopped now, it doesn't record (and then
+        # wait out the pairing delay of) every entry the rollback moves to the trash.
+        self._stop_journal()
         try:
             undone = self.project.rollback_to_checkpoint(
-                self.checkpoint.id,
-                preserve=self.preserve,
-                progress=self.progress,
-                hint=self._hint(),
+                self.checkpoint.id, preserve=self.preserve, progress=self.progress, hint=hint
             )
         finally:
             self._pop("rolled-back")

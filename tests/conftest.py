@@ -24,10 +24,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No SNAPFS_* setting from the caller's shell leaks into a test; no thread outlives one."""
+    """No SNAPFS_* setting from the caller's shell leaks into a test; no thread outlives one.
+
+    A restore's trash is emptied at once (``SNAPFS_PURGE=now``), not after the command
+    returns, so what a test inspects is settled; tests/integration/test_trash.py covers the
+    background ways."""
     for key in list(os.environ):
         if key.startswith("SNAPFS_"):
             monkeypatch.delenv(key)
+    monkeypatch.setenv("SNAPFS_PURGE", "now")
     before = set(threading.enumerate())
     yield
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]

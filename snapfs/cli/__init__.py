@@ -678,6 +678,9 @@ def _terminate(signum: int, _frame: object) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    from snapfs._trash import enable_fork
+
+    enable_fork()  # a command returns as soon as the tree is right; its trash goes after
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     try:
