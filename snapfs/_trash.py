@@ -22,7 +22,6 @@ project), it is deleted in place as before.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import threading
@@ -53,6 +52,7 @@ class Trash:
         self.path: Path | None = None
         self.fd = -1
         self.count = 0
+        self.broken = False  # the trash directory can't be made: every removal is in place
 
     def _open(self) -> int:
         if self.fd < 0:
@@ -74,14 +74,17 @@ class Trash:
                 return False
         elif keep is not None and keep(relpath):
             return False
-        tfd = self._open()
+        if self.broken:
+            return False
         self.count += 1
         try:
-            os.rename(name, str(self.count), src_dir_fd=dir_fd, dst_dir_fd=tfd)
-        except OSError as exc:
-            if exc.errno in (errno.EXDEV, errno.EBUSY, errno.EPERM, errno.EACCES):
-                return False  # a mount point, or a directory we may not move: delete in place
-            raise
+            os.rename(name, str(self.count), src_dir_fd=dir_fd, dst_dir_fd=self._open())
+        except OSError:
+            # The trash is only a faster way: another filesystem mounted here (EXDEV), a
+            # directory we may not move, no room for the trash itself... delete in place, where
+            # a real problem is reported with the project's own path.
+            self.broken = self.fd < 0
+            return False
         return True
 
     def close(self) -> None:

@@ -224,11 +224,11 @@ def force_rmtree(path: Path) -> None:
 
 def project_leftovers(root: Path) -> list[str]:
     """What a finished (or recovered) operation must not leave under ``.snapfs/``: restore
-    staging, temp dirs, dot-temp files, an intent, journal cookies of dead journals, and partial
+    staging and trash, temp dirs, dot-temp files, an intent, journal cookies of dead journals, and partial
     downloads (removed once DEST is in place). One line per leftover."""
     state = root / ".snapfs"
     found: list[str] = []
-    for sub in ("staging", "tmp", "downloads"):
+    for sub in ("staging", "tmp", "downloads", "trash"):
         if (state / sub).is_dir():
             found += [f"{sub}/{n}" for n in sorted(os.listdir(state / sub))]
     for n in sorted(os.listdir(state)):
