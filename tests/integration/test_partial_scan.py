@@ -15,7 +15,7 @@ def _full(p: snapfs.Project) -> bytes:
     return scan(p.root, ignore=Ignore.load(p.root), cache=p.state.load_cache(), batch=None).root
 
 
-def _partial(p: snapfs.Project, base: bytes, dirty: set[bytes], new: set[bytes] = set()) -> bytes:
+def _partial(p: snapfs.Project, base: bytes, dirty: set[bytes], new: frozenset[bytes] = frozenset()) -> bytes:
     hint = Hint(base, p.state.tree, frozenset(dirty), frozenset(new))
     res = scan(p.root, ignore=Ignore.load(p.root), cache=p.state.load_cache(), batch=None, hint=hint)
     return res.root

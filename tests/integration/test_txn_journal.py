@@ -74,7 +74,7 @@ def test_rollback_is_exact_when_deep_trees_outrun_the_watches(project: snapfs.Pr
     _base(project.root)
     before = tree_state(project.root)
     with pytest.raises(RuntimeError):
-        with snapfs.transaction(project, "deep") as tx:
+        with snapfs.transaction(project, "deep"):
             deep = project.root / "custom_nodes"
             for n in range(5):
                 d = deep / f"n{n}"
