@@ -389,11 +389,16 @@ class Project:
     ) -> ChangeSet:
         """What changed in the working tree since snapshot ``ref``, with moves paired.
 
-        A ``hint`` based on that snapshot limits the walk to the directories it names.
+        A ``hint`` based on that snapshot limits the walk to the directories it names, and
+        then files the snapshot lacks are not read (only their names are reported), except one
+        as large as a file that went, which may be the other end of a move.
         """
         base = self.resolve(ref)
-        cur = self._scan_readonly(progress, hint if hint and hint.base == base.root else None)
-        return change_set(self._overlay(cur.trees), base.root, cur.root)
+        if hint is None or hint.base != base.root:
+            cur = self._scan_readonly(progress)
+            return change_set(self._overlay(cur.trees), base.root, cur.root)
+        cur = self._scan_readonly(progress, hint, lazy_added=True)
+        return change_set(self._overlay(cur.trees), base.root, cur.root, resolve=self._hash_path)
 
     # ---- snapshot -----------------------------------------------------------------------
     def snapshot(

@@ -300,8 +300,10 @@ def scan(
     get_dir = (dirs or {}).get
 
     def base_entries(rel: bytes) -> dict[bytes, Entry]:
+        # Also for a directory the journal saw created: deleted and made again, it may hold
+        # what the base held (a subtree is reused only where the journal saw nothing).
         oid = base_of.get(rel)
-        if hint is None or oid is None or hint.is_new(rel):
+        if hint is None or oid is None:
             return {}
         data = hint.load(oid)
         return {e.name: e for e in decode(data)} if data is not None else {}
