@@ -113,22 +113,32 @@ class ScanResult:
     cache_deletes: list[bytes] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     dirs: DirIndex | None = None  # directory records for every directory built (see scan)
+    # The files (in listing order) of recorded directories holding a file sealed by this scan:
+    # their records' key is computed again once the store's commit has moved the seals' ctime.
+    sealed_orders: dict[bytes, list[CacheEntry]] = field(default_factory=dict)
 
     def resealed(self, moved: dict[tuple[int, int], tuple[int, int]]) -> None:
         """Carry the ctime that storing a sealed hardlink moved (``IngestBatch.resealed``)
-        into this scan's cache entries. Their directories' records lose the files' key, so the
-        next scan checks those files one by one (against the corrected entries) and reads none."""
+        into this scan's cache entries and its directories' records, so that the next scan
+        finds those files unchanged and reads none of them."""
         if not moved:
             return
+
+        def moved_on(e: CacheEntry) -> CacheEntry:
+            change = moved.get((e.dev, e.ino))
+            return e._replace(ctime_ns=change[1]) if change and e.ctime_ns == change[0] else e
+
         stale: set[bytes] = set()
         for i, (relpath, e) in enumerate(self.cache_updates):
-            change = moved.get((e.dev, e.ino))
-            if change is not None and e.ctime_ns == change[0]:
-                self.cache_updates[i] = (relpath, e._replace(ctime_ns=change[1]))
+            now = moved_on(e)
+            if now is not e:
+                self.cache_updates[i] = (relpath, now)
                 stale.add(relpath.rpartition(b"/")[0])
         if self.dirs is not None:
             for rel in stale & self.dirs.keys():
-                self.dirs[rel] = self.dirs[rel]._replace(files=b"")
+                order = self.sealed_orders.get(rel)
+                key = _order_key([moved_on(e) for e in order]) if order is not None else b""
+                self.dirs[rel] = self.dirs[rel]._replace(files=key)
 
 
 class _Pending:
@@ -610,6 +620,7 @@ def _build_trees(
         entries.extend(
             [Entry(name, DIR, mode, 0, tree_of[prefix + name]) for name, mode in d.subdirs]
         )
+        sealed = False
         for i, item in enumerate(d.order):
             if not isinstance(item, _Pending):
                 continue
@@ -638,12 +649,15 @@ def _build_trees(
             )
             result.cache_updates.append((item.relpath, entry))
             d.order[i] = entry
+            sealed = sealed or got.ctime_before != 0
         data = encode(entries)
         oid = tree_oid(data)
         result.trees[oid] = data
         tree_of[rel] = oid
         if record and d.st is not None and not is_racy(d.st, start_ns):
             records[rel] = _dir_record(d, oid, d.files or _order_key(d.order))
+            if sealed:
+                result.sealed_orders[rel] = d.order  # type: ignore[assignment]
     if record:
         result.dirs = records
     return tree_of[b""]

@@ -249,11 +249,8 @@ def test_a_freshly_sealed_model_is_not_read_again(tmp_path: Path) -> None:
         seal = project.store.seal_of(entry.oid)
         assert seal is not None and seal.ctime_ns == os.lstat(model).st_ctime_ns
         rules = Ignore.load(root).fingerprint
-        res = scan(
-            root,
-            ignore=Ignore.load(root),
-            cache=cache,
-            batch=None,
-            dirs=project.state.load_dir_cache(rules),
-        )
-        assert res.hashed == 0 and res.trees == {}
+        dirs = project.state.load_dir_cache(rules)
+        assert dirs[b"models"].files != b""  # its files' stats vouched for at once, as updated
+        counting = _CountingCache(cache)
+        res = scan(root, ignore=Ignore.load(root), cache=counting, batch=None, dirs=dirs)
+        assert res.hashed == 0 and res.trees == {} and counting.lookups == 0
