@@ -52,6 +52,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ._crash import crash_point
 from ._errors import Category, SnapfsError
 from ._ignore import STATE_DIR
 from ._state import connect
@@ -838,6 +839,7 @@ class Journal:
                 self._write_error = str(exc)
                 self._cond.notify_all()
             return
+        crash_point("journal.rows_written")  # committed, not yet seen by a waiting mark()
         with self._cond:
             self._write_error = None
             for token, seq in cookies.items():
