@@ -239,6 +239,14 @@ class Project:
         self.root = root
         self.state_dir = root / STATE_DIR
         self.state = ProjectState(self.state_dir / "project.db")
+        if self.state.get_meta("created") is None:  # init records it before anything else
+            self.state.close()
+            raise StateCorrupt(
+                "This project's snapshot records (.snapfs/project.db) are empty or missing,"
+                " so its snapshots can't be found.",
+                hint="The stored files are untouched. Restore .snapfs/project.db from a backup;"
+                " 'snapfs init' would start a new history instead.",
+            )
         store_root = self.state.get_path("store") or self.state_dir
         if config.store is not None and config.store != store_root:
             self.state.close()

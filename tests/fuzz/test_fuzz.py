@@ -387,6 +387,7 @@ TARGETS = (
 )
 QUICK_TARGETS = [
     ("project.db", "truncated-half"),
+    ("project.db", "empty"),  # was taken as a new project: restore 1 landed the wrong tree
     ("index", "bit-flip-tail"),
     ("intent.json", "garbage"),
     ("tree-object", "-"),
