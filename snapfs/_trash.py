@@ -28,6 +28,7 @@ import threading
 from pathlib import Path
 
 from ._fsops import DIR_FLAGS, KeepFn, remove_entry
+from ._objects import _dead_owner  # the same <pid>-... naming as the store's temp dirs
 
 TRASH = "trash"
 _fork_ok = False
@@ -186,25 +187,12 @@ def sweep(state_dir: Path) -> None:
     except OSError:
         return
     for name in names:
-        if _dead(name):
+        if _dead_owner(name):
             purge(base / name)
 
 
 def has_leftovers(state_dir: Path) -> bool:
     try:
-        return any(_dead(n) for n in os.listdir(state_dir / TRASH))
+        return any(_dead_owner(n) for n in os.listdir(state_dir / TRASH))
     except OSError:
         return False
-
-
-def _dead(name: str) -> bool:
-    pid = name.split("-", 1)[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
