@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -32,14 +33,14 @@ if __package__ in (None, ""):  # `python benchmarks/download.py`: make the packa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import genproject, report
-from benchmarks.run import log
+from benchmarks.run import FS_KINDS, filesystem, log
 from benchmarks.tools import Snapfs, _which_reason
 from tests.faultserver import Corrupt, FaultServer, ResetEvery, Stall, Status
 
 PATH = "/model.safetensors"
 MAX_RUNS = 30  # curl/wget: invocations per download before giving up
 SCENARIOS = ("clean", "faults", "corrupt-only")
-TOOL_NAMES = ("snapfs", "curl", "wget", "aria2c")
+TOOL_NAMES = ("snapfs", "curl", "curl+sync", "wget", "aria2c")
 MIB = 1 << 20
 
 
@@ -104,6 +105,7 @@ class Outcome:
 class DownloadTool:
     name = ""
     rerun = False  # re-run the same command after a failure (it resumes), up to MAX_RUNS
+    scenarios: tuple[str, ...] = SCENARIOS  # the scenarios it runs in
     env: ClassVar[dict[str, str]] = {}
 
     def unavailable_reason(self) -> str | None:
@@ -167,6 +169,24 @@ class CurlTool(DownloadTool):
         ]  # fmt: skip
 
 
+class DurableCurlTool(CurlTool):
+    """curl, then ``sync -d`` on the file: what curl costs with snapfs's guarantee that a
+    finished download is on disk before it is reported done (a reference, not a target)."""
+
+    name = "curl+sync"
+    scenarios = ("clean",)
+
+    def unavailable_reason(self) -> str | None:
+        return _which_reason("curl") or _which_reason("sync")
+
+    def command(self, urls: Sequence[str], dest: Path, sha256: str) -> list[str]:
+        curl = " ".join(shlex.quote(a) for a in super().command(urls, dest, sha256))
+        return ["sh", "-c", f"{curl} && sync -d {shlex.quote(str(dest))}"]
+
+    def version(self) -> str:
+        return "curl, then sync -d"
+
+
 class WgetTool(DownloadTool):
     name = "wget"
     rerun = True
@@ -189,7 +209,7 @@ class Aria2cTool(DownloadTool):
 
 
 ALL_TOOLS: dict[str, DownloadTool] = {
-    t.name: t for t in (SnapfsTool(), CurlTool(), WgetTool(), Aria2cTool())
+    t.name: t for t in (SnapfsTool(), CurlTool(), DurableCurlTool(), WgetTool(), Aria2cTool())
 }
 
 
@@ -398,6 +418,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds per download, re-runs included (default 120 + 1 s per MB)",
     )
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    ap.add_argument(
+        "--fs",
+        choices=FS_KINDS,
+        default="main",
+        help="where the file and the downloads go: the main disk, or a fresh loop-mounted "
+        "image (steadier: the main disk's write-back speed swings 5x between runs)",
+    )
     args = ap.parse_args(argv)
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -434,36 +461,14 @@ def main(argv: list[str] | None = None) -> None:
         "samples": [],
     }
     args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="snapfs-dl-bench-", dir=args.workdir))
+    top = Path(tempfile.mkdtemp(prefix="snapfs-dl-bench-", dir=args.workdir))
     try:
-        source = workdir / "model.safetensors"
-        log(f"generating {args.size / report.MB:.0f} MB of incompressible data in {workdir}")
-        genproject._write_model(source, args.size, seed="download-bench")
-        sha256 = sha256_of(source)  # also leaves the file in the page cache for the servers
-        with FaultServer() as good, FaultServer() as bad:
-            good.add(PATH, source)
-            bad.add(PATH, source)
-            servers = {"good": good, "bad": bad}
-            # Repeats outside, tools inside, so slow drift spreads across all tools.
-            for rep in range(args.repeat):
-                for scenario in args.scenarios:
-                    for tool in tools:
-                        area = workdir / f"{tool.name}-{scenario}-{rep}"
-                        sample = run_one(
-                            tool, scenario, servers, sched, source, sha256, area, args.timeout
-                        )
-                        sample["repeat"] = rep
-                        results["samples"].append(sample)
-                        log(
-                            f"rep {rep + 1}/{args.repeat} {scenario:12} {tool.name:7} "
-                            f"{sample['wall']:7.2f} s  sha256 {sample['sha256']:7}  "
-                            f"{_result(sample)}  [{_hits(sample)}]"
-                        )
-                        args.out.write_text(json.dumps(results, indent=1))
-            errors = good.errors + bad.errors
-        results["server_errors"] = errors
+        # Room for the source, one download and the partial it replaces, and a margin.
+        with filesystem(args.fs, top, 0, size=3 * args.size + (512 << 20)) as workdir:
+            errors = _measure(args, tools, sched, results, workdir)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(top, ignore_errors=True)
+    results["server_errors"] = errors
     rows = summarize(results["samples"], args.size)
     results["summary"] = rows
     args.out.write_text(json.dumps(results, indent=1))
@@ -481,10 +486,47 @@ def main(argv: list[str] | None = None) -> None:
     log(f"raw results written to {args.out}")
 
 
+def _measure(
+    args: argparse.Namespace,
+    tools: list[DownloadTool],
+    sched: Schedule,
+    results: dict[str, Any],
+    workdir: Path,
+) -> list[Any]:
+    """Every sample, into ``results["samples"]``; returns the servers' errors."""
+    source = workdir / "model.safetensors"
+    log(f"generating {args.size / report.MB:.0f} MB of incompressible data in {workdir}")
+    genproject._write_model(source, args.size, seed="download-bench")
+    sha256 = sha256_of(source)  # also leaves the file in the page cache for the servers
+    with FaultServer() as good, FaultServer() as bad:
+        good.add(PATH, source)
+        bad.add(PATH, source)
+        servers = {"good": good, "bad": bad}
+        # Repeats outside, tools inside, so slow drift spreads across all tools.
+        for rep in range(args.repeat):
+            for scenario in args.scenarios:
+                for tool in tools:
+                    if scenario not in tool.scenarios:
+                        continue
+                    area = workdir / f"{tool.name}-{scenario}-{rep}"
+                    sample = run_one(
+                        tool, scenario, servers, sched, source, sha256, area, args.timeout
+                    )
+                    sample["repeat"] = rep
+                    results["samples"].append(sample)
+                    log(
+                        f"rep {rep + 1}/{args.repeat} {scenario:12} {tool.name:7} "
+                        f"{sample['wall']:7.2f} s  sha256 {sample['sha256']:7}  "
+                        f"{_result(sample)}  [{_hits(sample)}]"
+                    )
+                    args.out.write_text(json.dumps(results, indent=1))
+        return [*good.errors, *bad.errors]
+
+
 def header(args: argparse.Namespace, sched: Schedule, results: dict[str, Any]) -> str:
     versions = "; ".join(f"{k}: {v}" for k, v in results["versions"].items())
     return (
-        f"## download, {args.size / report.MB:.0f} MB, repeat {args.repeat}\n\n"
+        f"## download, {args.size / report.MB:.0f} MB, repeat {args.repeat}, on {args.fs}\n\n"
         f"faults scenario: a reset every {sched.reset_every / report.MB:.0f} MB served, "
         f"a {sched.stall_seconds:g} s stall at offset {sched.stall_at}, a 503 (Retry-After: 1) "
         f"on request #{sched.status_503_request}; the bad mirror flips "

@@ -50,8 +50,11 @@ def log(msg: str) -> None:
 
 
 @contextmanager
-def filesystem(kind: str, workdir: Path, scale: float) -> Iterator[Path]:
-    """Yield a fresh directory on the requested filesystem; unmount/remove it afterwards."""
+def filesystem(kind: str, workdir: Path, scale: float, size: int | None = None) -> Iterator[Path]:
+    """Yield a fresh directory on the requested filesystem; unmount/remove it afterwards.
+
+    A loop image is sized for the core benchmark at ``scale``, or ``size`` bytes if given.
+    """
     if kind == "main":
         base = workdir / "main"
         base.mkdir()
@@ -62,7 +65,7 @@ def filesystem(kind: str, workdir: Path, scale: float) -> Iterator[Path]:
         return
     img, mnt = workdir / f"{kind}.img", workdir / f"mnt-{kind}"
     # Room for pristine + work copy + change + the largest store + a restore dir.
-    size = int((1.5 + 12 * scale) * (1 << 30))
+    size = size or int((1.5 + 12 * scale) * (1 << 30))
     # ext4: no lazy inode-table init, or a kernel thread would zero tables during the timings.
     mkfs = (
         ["mkfs.xfs", "-q", "-m", "reflink=1"]

@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from ._retry import RetryBudget, RetryPolicy
 
 READ = 1 << 20  # bytes per socket read and per disk read
-MAX_SEGMENT = 256 << 20  # the longest range asked for in one request
+SEGMENT_CHUNKS = 4  # the longest range asked for in one request, in chunks
 PART_SUFFIX = ".snapfs-part"
 LOCAL = "local"  # the source of bytes adopted from an incomplete file found at DEST
 SAMPLE = 1 << 20  # bytes compared with the server before adopting such a file
@@ -406,13 +406,17 @@ class _Plan:
     def carve(self, connections: int) -> tuple[int, int]:
         """Take the next request's range off the to-do list.
 
-        Requests are long while much is left (a request costs a round trip, and recording an
-        extent every chunk keeps resume fine-grained anyway) and shrink towards one chunk near
-        the end, so the last bytes are spread over every connection.
+        A request spans several chunks while much is left (each request costs a round trip;
+        an extent is recorded every chunk either way, so resume stays fine-grained) and shrinks
+        towards one chunk near the end, so the last bytes are spread over every connection.
+        Requests stay short enough that the connections work side by side near the front of
+        the file: the hasher digests it in order, and with long requests it could only start
+        on the second quarter once the first had fully arrived, finishing long after the last
+        byte did.
         """
         start, end = self.todo.popleft()
         left = sum(e - s for s, e in self.todo) + (end - start)
-        seg = max(self.chunk, min(MAX_SEGMENT, left // connections))
+        seg = max(self.chunk, min(SEGMENT_CHUNKS * self.chunk, left // connections))
         seg = -(-seg // self.chunk) * self.chunk  # whole chunks
         if end - start > seg:
             self.todo.appendleft((start + seg, end))
@@ -491,6 +495,9 @@ class _Download:
         self.resumed = 0
         self._allocated = False
         self._alloc_mutex = threading.Lock()
+        # Writes to one file are serialised by the kernel's inode lock, and a thread waiting for
+        # it spins on a CPU. Waiting here sleeps instead, leaving that CPU to the hasher.
+        self._write_mutex = threading.Lock()
 
     # -- sessions and sockets
     def session(self) -> requests.Session:
@@ -1054,8 +1061,12 @@ class _Download:
         # read1 returns whatever has arrived, so a slow source is measured as it trickles in
         # and a reset loses nothing received; read(n) waits for n bytes but costs far less CPU
         # per byte. Use read1 until the connection proves fast, and again if it slows down.
+        # Whole-block reads go straight into one buffer where the body allows it.
         fast = False
         read1 = getattr(raw, "read1", raw.read)
+        into = _body_file(raw)
+        block = memoryview(bytearray(READ)) if into is not None else None
+        data: bytes | memoryview
         try:
             while end is None or pos < end:
                 want = min(READ, piece + chunk - pos)
@@ -1063,7 +1074,10 @@ class _Download:
                     want = min(want, end - pos)
                 t_read = time.monotonic()
                 try:
-                    data = raw.read(want) if fast else read1(want)
+                    if fast and block is not None:
+                        data = block[: into.readinto(block[:want])]
+                    else:
+                        data = raw.read(want) if fast else read1(want)
                 except Exception as exc:  # urllib3: ProtocolError, ReadTimeoutError, ...
                     raise _Transient(_why(exc)) from exc
                 if not data:
@@ -1073,14 +1087,15 @@ class _Download:
                         f"connection closed after {pos - start} of {end - start} bytes"
                     )
                 if pos == 0:
-                    why = _looks_like_page("", data[:512], self.dest_name)
+                    why = _looks_like_page("", bytes(data[:512]), self.dest_name)
                     if why is not None:
                         raise _Dead(f"sent {why} instead of the file", BadContent)
                 n = len(data)
                 self._count(src, n)
                 if self.plan.stopped or gen != self.plan.generation:
                     raise _Stop
-                os.pwrite(fd, data, pos)
+                with self._write_mutex:
+                    os.pwrite(fd, data, pos)
                 h.update(data)
                 pos += n
                 if pos - piece >= chunk:
@@ -1234,8 +1249,11 @@ class _Download:
         """Re-read an extent from disk; True if it still matches its recorded digest."""
         h = xxhash.xxh3_128()
         pos, end = ext.start, ext.end
+        buf = getattr(self._local, "check_buf", None)
+        if buf is None:  # one buffer per thread, reused: a fresh 4 MiB per read costs more
+            buf = self._local.check_buf = memoryview(bytearray(4 * READ))
         while pos < end:
-            block = os.pread(self.part.fd, min(4 * READ, end - pos), pos)
+            block = buf[: os.preadv(self.part.fd, [buf[: min(len(buf), end - pos)]], pos)]
             if not block:
                 return False
             h.update(block)
@@ -1385,6 +1403,19 @@ class _Download:
 
 class _Stop(Exception):
     """The download is stopping (error elsewhere, Ctrl-C, restart): leave quietly."""
+
+
+def _body_file(raw: Any) -> Any:
+    """The http.client response under urllib3's, to ``readinto`` a reused buffer; or None.
+
+    urllib3's ``read`` returns a new bytes object per call, and on a fast link that costs
+    about as much as the rest of the download together. Only for bodies read undecoded (we
+    ask for the identity encoding), where both give the same bytes.
+    """
+    fp = getattr(raw, "_fp", None)
+    if getattr(raw, "decode_content", True) or not callable(getattr(fp, "readinto", None)):
+        return None
+    return fp
 
 
 def _why(exc: BaseException) -> str:

@@ -316,6 +316,65 @@ def test_reset_every_few_megabytes(
     assert r.retries >= resets
 
 
+class _CountingBody:
+    """Stands in for the http.client response the fast path reads into a buffer."""
+
+    def __init__(self, fp: Any, calls: list[int]) -> None:
+        self.fp, self.calls = fp, calls
+
+    def readinto(self, b: Any) -> int:
+        n = int(self.fp.readinto(b))
+        self.calls.append(n)
+        return n
+
+
+def test_fast_reads_go_straight_into_a_buffer_and_survive_resets(
+    srv: TimedServer, tmp_path: Path, blob: Blob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Long responses on a fast link switch to whole-block reads into one reused buffer (no
+    new bytes object per read). Resets in that mode lose at most the block being read."""
+    from snapfs import _download
+
+    calls: list[int] = []
+    real = _download._body_file
+
+    def counting(raw: Any) -> Any:
+        fp = real(raw)
+        return None if fp is None else _CountingBody(fp, calls)
+
+    monkeypatch.setattr(_download, "_body_file", counting)
+    srv.add("/f", blob.data)
+    srv.inject("/f", ResetEvery(5 * MiB + 333, times=2))
+    dest = tmp_path / "f"
+    # One connection, chunks as large as the file: one long response per attempt.
+    cfg = fast(tmp_path, download_connections=1, download_chunk=SIZE)
+    r = snapfs.download(srv.url("/f"), dest, **cfg)
+    assert sha_of(dest) == blob.sha256
+    # Each response turns fast after 4 MiB; the first two are reset 3 MiB later.
+    assert sum(calls) >= 2 * MiB, "the fast path never ran"
+    assert all(n <= READ for n in calls)
+    assert r.retries >= 2
+    assert srv.bytes_sent <= blob.size + 2 * READ
+
+
+def test_body_file_only_for_undecoded_bodies() -> None:
+    from snapfs._download import _body_file
+
+    class Fp:
+        def readinto(self, b: Any) -> int:
+            return 0
+
+    class Raw:
+        def __init__(self, decode: bool, fp: Any) -> None:
+            self.decode_content, self._fp = decode, fp
+
+    fp = Fp()
+    assert _body_file(Raw(False, fp)) is fp
+    assert _body_file(Raw(True, fp)) is None  # urllib3 would decode: read through it
+    assert _body_file(Raw(False, object())) is None  # no readinto
+    assert _body_file(object()) is None  # not a urllib3 response at all
+
+
 def test_truncated_body(srv: TimedServer, tmp_path: Path, blob: Blob) -> None:
     """Content-Length promised, then a clean FIN: no error from the network, a short body."""
     srv.add("/f", blob.data)
