@@ -6,6 +6,8 @@ errors. Errors are one plain-language line on stderr; ``--debug`` adds the trace
 
 from __future__ import annotations
 
+import atexit
+import gc as _gc
 import json
 import os
 import signal
@@ -678,6 +680,11 @@ def _terminate(signum: int, _frame: object) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    # Registered first, so it runs last: the interpreter's final collection walks every object
+    # a command left (a project's stat cache is tens of thousands), about 10 ms of a 150 ms
+    # `snapfs status`, only for the OS to free them anyway. Nothing we rely on waits for it:
+    # files and databases are closed by their `with` blocks.
+    atexit.register(_gc.freeze)
     from snapfs._trash import enable_fork
 
     enable_fork()  # a command returns as soon as the tree is right; its trash goes after
