@@ -413,11 +413,17 @@ class Project:
         self, label: str = "", *, kind: str = "manual", progress: ProgressFn = no_progress
     ) -> SnapshotInfo:
         """Record the working tree. Costs only what changed since the last snapshot."""
+        return self._snapshot(label, kind=kind, progress=progress)
+
+    def _snapshot(
+        self, label: str, *, kind: str, progress: ProgressFn, mark: Mark | None = None
+    ) -> SnapshotInfo:
+        """``snapshot``, as of ``mark`` of snapfs watch's journal if one was just taken."""
         if kind not in KINDS:
             raise UsageError(f"Unknown snapshot kind {kind!r} (one of {', '.join(KINDS)}).")
         with self._write_lock(f"snapshot {label}".strip()):
             self._recover_locked()
-            sid, _root = self._snapshot_locked(label, kind, progress)
+            sid, _root = self._snapshot_locked(label, kind, progress, mark=mark)
             assert sid is not None
             row = self.state.snapshot(sid)
             assert row is not None
@@ -431,12 +437,13 @@ class Project:
         *,
         set_head: bool = True,
         skip_if_root: Oid | None = None,
+        mark: Mark | None = None,
     ) -> tuple[int | None, Oid]:
         """Scan and store the tree. Returns (new snapshot id, root); the id is None when the
         root equals ``skip_if_root`` and so nothing was recorded."""
         t0 = time.monotonic()
         self.store.sweep_leftovers()
-        mark, hint, base = self._watch_hint()
+        mark, hint, base = self._watch_hint(mark)
         self.store.lock.acquire(shared=True, wait=True)
         try:
             batch = self.store.batch()
@@ -491,12 +498,15 @@ class Project:
         finally:
             self.store.lock.release()
 
-    def _watch_hint(self) -> tuple[Mark | None, Hint | None, SnapshotRow | None]:
-        """With ``snapfs watch`` running: a fresh mark, and a hint if the journal proves what
-        changed since the last watched snapshot (which is then the scan's base)."""
+    def _watch_hint(
+        self, mark: Mark | None = None
+    ) -> tuple[Mark | None, Hint | None, SnapshotRow | None]:
+        """With ``snapfs watch`` running: a fresh mark (or ``mark``, one just taken), and a
+        hint if the journal proves what changed since the last watched snapshot (which is
+        then the scan's base)."""
         if not self.config.journal:
             return None, None, None
-        mark = external_mark(self)
+        mark = mark or external_mark(self)
         if mark is None:
             return None, None, None
         last = last_mark(self)

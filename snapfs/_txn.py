@@ -181,7 +181,15 @@ class Transaction:
         if p.config.journal:
             self._start_journal()  # before the checkpoint: nothing can slip between the two
         try:
-            self.checkpoint = p.snapshot(f"before {what}", kind="pre-op", progress=self.progress)
+            # With snapfs watch, the checkpoint is taken as of the mark the journal starts at
+            # (one round trip to the watcher instead of two): whatever happens after it is the
+            # operation's, and is what its changes and rollback look at.
+            from ._watch import WatchView
+
+            first = self._journal.first if isinstance(self._journal, WatchView) else None
+            self.checkpoint = p._snapshot(
+                f"before {what}", kind="pre-op", progress=self.progress, mark=first
+            )
         except BaseException:
             self._stop_journal()
             raise
@@ -223,8 +231,9 @@ class Transaction:
 
         p = self.project
         try:
-            if external_mark(p, timeout=0.5) is not None:
-                self._journal = WatchView(p)  # snapfs watch is running: use its journal
+            mark = external_mark(p, timeout=0.5)
+            if mark is not None:
+                self._journal = WatchView(p, mark)  # snapfs watch is running: use its journal
             else:
                 self._journal = Journal(
                     p.root, p.state.path, owner=Owner.current().dumps(), on_modified=self._modified

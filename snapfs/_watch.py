@@ -119,18 +119,19 @@ def remember_mark(project: Project, mark: Mark, snapshot: int) -> None:
 class WatchView:
     """The live watcher's journal, used the way a transaction uses its own Journal."""
 
-    def __init__(self, project: Project) -> None:
+    def __init__(self, project: Project, first: Mark | None = None) -> None:
         self.project = project
-        self.first: Mark | None = None
+        self.first = first  # a mark already taken: where the view starts
 
     def start(self, timeout: float = 2.0) -> int:
         from ._journal import JournalUnavailable
 
-        m = external_mark(self.project, timeout)
-        if m is None:
-            raise JournalUnavailable("snapfs watch is not answering.")
-        self.first = m
-        return m.seq
+        if self.first is None:
+            m = external_mark(self.project, timeout)
+            if m is None:
+                raise JournalUnavailable("snapfs watch is not answering.")
+            self.first = m
+        return self.first.seq
 
     def mark(self, timeout: float = 2.0) -> int:
         from ._journal import JournalUnavailable

@@ -113,6 +113,42 @@ def test_transaction_uses_the_watchers_journal(
     assert tree_state(project.root) == before
 
 
+def _cookies(project: snapfs.Project) -> int:
+    (n,) = project.state.db.execute("SELECT count(*) FROM journal WHERE kind = 'cookie'").fetchone()
+    return int(n)
+
+
+def test_a_transaction_starts_with_one_round_trip_to_the_watcher(
+    project: snapfs.Project, watcher: threading.Event, hints: list[Hint | None]
+) -> None:
+    """Entering a transaction asks the watcher for one mark, which both its journal view and
+    its checkpoint start from; changes made inside are still all seen."""
+    _populate(project.root)
+    project.snapshot()
+    before = _cookies(project)
+    tx = snapfs.transaction(project, "op")
+    tx.begin()
+    assert _cookies(project) == before + 1
+    assert isinstance(tx._journal, WatchView) and tx._journal.first is not None
+    assert hints[-1] is not None  # the checkpoint was journal-guided, from that mark
+    write(project.root, "plugins/a/m5.py", "changed")
+    write(project.root, "plugins/z/new.py", "n")
+    done = tx.commit()
+    assert done.added == ["plugins/z/", "plugins/z/new.py"]
+    assert done.modified == ["plugins/a/m5.py"]
+    assert tx.journal_note == ""
+
+
+def test_a_mark_finds_its_cookie_by_index(project: snapfs.Project, watcher: threading.Event) -> None:
+    """Marks poll for their cookie while the journal grows; the lookup must not scan it."""
+    assert external_mark(project) is not None
+    plan = project.state.db.execute(
+        "EXPLAIN QUERY PLAN SELECT seq FROM journal WHERE run = ? AND kind = 'cookie' AND dest = ?",
+        ("r", b"t"),
+    ).fetchall()
+    assert any("journal_cookies" in str(row) for row in plan), plan
+
+
 def test_a_killed_watcher_is_not_trusted(project: snapfs.Project, tmp_path: Path) -> None:
     _populate(project.root)
     proc = subprocess.Popen(
