@@ -244,6 +244,48 @@ class _Backend(NamedTuple):
 
 
 @functools.cache
+def _move_grouper_class() -> Any:
+    """watchdog's move-event grouper, answering as soon as a move is paired (see below)."""
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    from watchdog.utils.delayed_queue import DelayedQueue
+
+    class PromptQueue(DelayedQueue[Any]):
+        """watchdog holds each IN_MOVED_FROM up to 0.5 s for its IN_MOVED_TO, and its queue
+        sleeps out the whole delay even when the IN_MOVED_TO arrives a moment later and takes
+        the pair out: every event behind it waited too. A rename (a download landing, a store
+        commit, a mark's own cookie) stalled the next mark by ~0.45 s. Here the wait ends as
+        soon as the head of the queue changes; an unpaired IN_MOVED_FROM still waits it out.
+        """
+
+        def get(self) -> Any:
+            with self._not_empty:
+                while True:
+                    while not self._queue and not self._closed:
+                        self._not_empty.wait()
+                    if self._closed:
+                        return None
+                    head, inserted, delay = self._queue[0]
+                    left = inserted + self.delay - time.monotonic() if delay else 0.0
+                    if left <= 0:
+                        self._queue.popleft()
+                        return head
+                    self._not_empty.wait(left)  # a put (the pair, or anything) wakes it
+
+    class Grouper(InotifyMoveEventGrouper):
+        # How long an IN_MOVED_FROM waits for its IN_MOVED_TO. The kernel queues the two
+        # together, so a pair is complete within the reader's next pass; one still alone after
+        # this moved out of the watched folders (into a trash, say) and is a deletion. watchdog
+        # waits 0.5 s, stalling every event behind it, and so the next mark, that long.
+        delay = 0.05
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._queue = PromptQueue(self.delay)
+
+    return Grouper
+
+
+@functools.cache
 def _inotify_classes() -> tuple[Any, Any, Any]:
     """watchdog's inotify observer with three additions: the reader reports overflows and failed
     watches to a :class:`_Losses`, and a crashed thread is reported instead of dying silently.
@@ -316,7 +358,25 @@ def _inotify_classes() -> tuple[Any, Any, Any]:
                 _logger().exception("the inotify reader thread failed")
                 self.losses.record("gap", f"the inotify reader stopped ({exc})", permanent=True)
 
+    Grouper = _move_grouper_class()
+    state_b = os.fsencode(_STATE)
+
     class WatchGroup(InotifyWatchGroup):
+        def __post_init__(self) -> None:
+            self._move_event_grouper = Grouper()  # before any watch exists to feed it
+            self._prefix = self.path.rstrip(b"/") + b"/"
+            super().__post_init__()
+
+        def _unwatched(self, path: bytes) -> bool:
+            """Folders inside a state folder. Their events are never recorded, and watching
+            them (the store's fan-out, staging, a clone in progress, the trash) only costs
+            watches and events; a rename out of one of them into the project reads as a
+            creation. The project's own .snapfs is watched for the marks' cookies."""
+            if not path.startswith(self._prefix):
+                return False
+            parts = path[len(self._prefix) :].split(b"/")
+            return state_b in parts and parts != [state_b]
+
         def _add_all_callbacks(self, path: bytes) -> None:
             # watchdog walks with os.walk, which costs a transaction's start ~30 ms on a 20k-file
             # project (it makes a list of every file name). The same watches in the same order
@@ -325,6 +385,8 @@ def _inotify_classes() -> tuple[Any, Any, Any]:
             # that can't be watched is reported by add_callback.
             if self.follow_symlink or not self.is_recursive:
                 super()._add_all_callbacks(path)
+                return
+            if self._unwatched(path):
                 return
             is_dir = os.path.isdir(path)
             self._add_callback(path)
@@ -340,7 +402,7 @@ def _inotify_classes() -> tuple[Any, Any, Any]:
                             is_subdir = entry.is_dir(follow_symlinks=False)
                         except OSError:
                             continue
-                        if is_subdir:
+                        if is_subdir and not self._unwatched(entry.path):
                             self._add_callback(entry.path)
                             stack.append(entry.path)
 

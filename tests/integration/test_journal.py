@@ -144,6 +144,47 @@ def test_moves_across_the_state_dir_are_creates_and_deletes(root: Path, journal:
     assert t.paths >= {b"landed", b"tree", b"victim"}
 
 
+def test_state_folders_are_not_watched_inside(root: Path, journal: Journal) -> None:
+    """Only the project's own .snapfs is watched (for the marks' cookies), not the store's
+    fan-out, staging or trash in it, nor a nested project's state folder."""
+    for d in (".snapfs/objects/ab", ".snapfs/trash/1-x", "sub/.snapfs/objects", "plugins/a"):
+        (root / d).mkdir(parents=True)
+    journal.start()
+    (root / ".snapfs" / "tmp").mkdir()  # made while watching: not watched either
+    journal.mark()
+    assert journal._backend is not None
+    (emitter,) = journal._backend.observer.emitters
+    watched = {os.fsdecode(p) for p in emitter._inotify._active_callbacks_by_path}
+    base = os.fspath(root)
+    assert {base, f"{base}/.snapfs", f"{base}/sub", f"{base}/plugins/a"} <= watched
+    assert not {p for p in watched if "/.snapfs/" in p[len(base) :] or p.endswith("sub/.snapfs")}
+
+
+def test_a_paired_move_is_handed_on_without_waiting_out_the_pairing_delay() -> None:
+    """watchdog holds an IN_MOVED_FROM until its IN_MOVED_TO arrives or a delay passes; a
+    consumer already waiting on it must get the pair as soon as it forms (watchdog's own queue
+    slept out the whole delay, so every rename stalled the next mark)."""
+    from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
+    from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
+
+    from snapfs._journal import _move_grouper_class
+
+    grouper = _move_grouper_class()()
+    grouper._queue.delay = 3600.0  # an unpaired move would hold the queue for an hour
+    src = InotifyEvent(1, InotifyConstants.IN_MOVED_FROM, 7, b"a")
+    dst = InotifyEvent(1, InotifyConstants.IN_MOVED_TO, 7, b"b")
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(grouper.read_event()), daemon=True)
+    grouper.put_event(PathedInotifyEvent(src, b"/p/a"))
+    reader.start()
+    reader.join(0.2)  # let it find the held IN_MOVED_FROM at the head and wait on it
+    grouper.put_event(PathedInotifyEvent(dst, b"/p/b"))
+    reader.join(30)
+    assert not reader.is_alive(), "the reader still waits out the delay of a paired move"
+    grouper.close()
+    assert isinstance(got[0], tuple) and [e.path for e in got[0]] == [b"/p/a", b"/p/b"]
+
+
 def test_touched_gives_exact_sets(root: Path, journal: Journal) -> None:
     (root / "old" / "sub").mkdir(parents=True)
     for name in ("y", "z", "w"):
