@@ -440,6 +440,13 @@ class _Runner:
             raise UsageError(f"Operation {op}'s stored plan no longer matches its steps.")
         t0 = time.monotonic()
         _set_op(p, op, status="running", owner=Owner.current().dumps(), error=None)
+        # One journal for the whole operation: after the restore point, every step's
+        # checkpoint and the post checkpoint read only what changed since the one before.
+        with p.journal_scope():
+            return self._run(rec, steps, t0)
+
+    def _run(self, rec: OperationRecord, steps: Sequence[Step], t0: float) -> OpResult:
+        p, op = self.project, self.op
         checkpoint = rec.checkpoint
         if checkpoint is None:
             info = p.snapshot(f"before {rec.label or rec.kind}", kind="pre-import")
@@ -471,7 +478,9 @@ class _Runner:
         status = DONE_WITH_SKIPS if skips else DONE
         post = self._finish(rec, checkpoint)
         _set_op(p, op, status=status, post=post)
-        what = f"Done; skipped step(s) {', '.join(str(i + 1) for i in skips)}." if skips else "Done."
+        what = (
+            f"Done; skipped step(s) {', '.join(str(i + 1) for i in skips)}." if skips else "Done."
+        )
         self.report(OpEvent(op, "done", what, total=len(steps), data={"post": post}))
         return OpResult(
             op,

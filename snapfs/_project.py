@@ -57,6 +57,7 @@ from ._threads import executor
 from ._tree import Entry, Kind, decode, encode, tree_oid
 from ._watch import (
     Mark,
+    SharedJournal,
     external_mark,
     last_mark,
     remember_mark,
@@ -263,6 +264,7 @@ class Project:
         self.lock = Lock(self.state_dir / "lock", "project")
         self.on_wait: Callable[[str], None] | None = None
         self._transactions: list[Transaction] = []  # this process's open ones, nested
+        self._shared_journal: SharedJournal | None = None  # see journal_scope
 
     # ---- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
@@ -277,6 +279,47 @@ class Project:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    @contextmanager
+    def journal_scope(self) -> Iterator[None]:
+        """Keep one change journal running for the block, as ``snapfs watch`` would.
+
+        For a multi-step operation: every snapshot taken in the block after the first, and
+        every transaction's checkpoint and account, read only what changed since the previous
+        mark instead of the whole tree, and no step pays for starting its own journal. Does
+        nothing if ``snapfs watch`` is running (its journal serves), journals are off, or
+        inotify is unavailable (everything then walks the tree, as without it).
+        """
+        if (
+            self._shared_journal is not None
+            or not self.config.journal
+            or external_mark(self, timeout=0.5) is not None
+        ):
+            yield
+            return
+        from ._journal import Journal, JournalUnavailable
+        from ._txn import Owner
+
+        journal = Journal(
+            self.root, self.state.path, owner=Owner.current().dumps(), on_modified=self._modified
+        )
+        try:
+            journal.start()
+        except JournalUnavailable:
+            yield
+            return
+        self._shared_journal = SharedJournal(journal)
+        try:
+            yield
+        finally:
+            self._shared_journal = None
+            journal.stop()
+            self.state.prune_journal(keep_runs=(), only_run=journal.run)
+
+    def _modified(self, relpath: bytes) -> None:
+        """The shared journal saw a file written in place: the open transaction warns."""
+        if self._transactions:
+            self._transactions[-1]._modified(relpath)
 
     @contextmanager
     def _write_lock(self, purpose: str) -> Iterator[None]:
@@ -506,6 +549,13 @@ class Project:
         then the scan's base)."""
         if not self.config.journal:
             return None, None, None
+        if mark is None and self._shared_journal is not None:
+            from ._journal import JournalUnavailable
+
+            try:
+                mark = self._shared_journal.mark()
+            except JournalUnavailable:
+                return None, None, None
         mark = mark or external_mark(self)
         if mark is None:
             return None, None, None

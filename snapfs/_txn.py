@@ -227,12 +227,16 @@ class Transaction:
     # ---- the journal: limits the work of changes/rollback to what was touched ------------
     def _start_journal(self) -> None:
         from ._journal import Journal, JournalUnavailable
-        from ._watch import WatchView, external_mark
+        from ._watch import SharedView, WatchView, external_mark
 
         p = self.project
         try:
-            mark = external_mark(p, timeout=0.5)
-            if mark is not None:
+            shared = p._shared_journal
+            mark = shared.mark() if shared is not None else external_mark(p, timeout=0.5)
+            if shared is not None:
+                assert mark is not None
+                self._journal = SharedView(p, shared, mark)  # the operation's journal
+            elif mark is not None:
                 self._journal = WatchView(p, mark)  # snapfs watch is running: use its journal
             else:
                 self._journal = Journal(

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # the journal (and watchdog) load only when a watcher is in play
-    from ._journal import Touched
+    from ._journal import Journal, Touched
     from ._project import Project
 
 WATCH_KEY = "watch"  # meta: the live watcher {"run", "owner"}
@@ -149,6 +149,33 @@ class WatchView:
 
     def stop(self) -> None:
         pass
+
+
+class SharedJournal:
+    """This process's own journal, kept running for the length of a multi-step operation
+    (:meth:`Project.journal_scope`), so each step's checkpoint and the operation's last
+    snapshot read only what changed since the previous mark, as with ``snapfs watch``."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def mark(self, timeout: float = 5.0) -> Mark:
+        return Mark(self.journal.run, self.journal.mark(timeout))
+
+
+class SharedView(WatchView):
+    """A transaction's view of a :class:`SharedJournal`: it starts at a mark of it, and ending
+    the transaction leaves the journal running for the next step."""
+
+    def __init__(self, project: Project, shared: SharedJournal, first: Mark) -> None:
+        super().__init__(project, first)
+        self.shared = shared
+
+    def mark(self, timeout: float = 2.0) -> int:
+        return self.shared.journal.mark(timeout)
+
+    def touched(self, since: int, until: int) -> Touched:
+        return self.shared.journal.touched(since, until)
 
 
 def _prune(project: Project, run: str) -> None:

@@ -9,6 +9,7 @@ SQLite state and, for downloads, a real HTTP server on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -327,6 +328,107 @@ def test_a_failed_step_is_rolled_back_exactly_to_its_restore_point(
     assert cp.kind == "pre-op"
     assert not project.diff(cp.id), project.diff(cp.id)
     assert breaks.runs == 1  # not retryable: tried once
+
+
+# ---- one journal for the whole operation ---------------------------------------------------
+
+
+def _spy_scans(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    from snapfs import _project
+
+    seen: list[object] = []
+    real = _project.scan
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("hint"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_project, "scan", spy)
+    return seen
+
+
+def test_one_journal_serves_every_step_and_checkpoint(
+    project: snapfs.Project, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the restore point walks the tree: each step's checkpoint, each step's account and
+    the post checkpoint read what changed since the previous mark of one journal."""
+    from snapfs import _journal
+
+    starts: list[str] = []
+    real_start = _journal.Journal.start
+
+    def start(self: _journal.Journal, timeout: float = 5.0) -> int:
+        starts.append(self.run)
+        return real_start(self, timeout)
+
+    monkeypatch.setattr(_journal.Journal, "start", start)
+    hints = _spy_scans(monkeypatch)
+    op = scripted(
+        project, writes("user/a.json", "1"), writes("models/b.txt", "2"), writes("c", "3")
+    )
+    res = run_operation(project, op)
+    assert res.status == "done" and res.ran == 3
+    assert len(starts) == 1
+    assert hints[0] is None  # the restore point: a full walk
+    assert hints[1:] and all(h is not None for h in hints[1:]), hints
+    # What each step changed is still exact, and the journal's rows are gone with it.
+    txns = sorted(
+        (t for t in project.state.txns() if t.label and t.label.startswith("scripted: ")),
+        key=lambda t: t.id,
+    )
+    added = [json.loads(t.changes or "{}")["added"] for t in txns]
+    files = [[a for a in step if not a.endswith("/")] for step in added]  # new folders aside
+    assert files == [["user/a.json"], ["models/b.txt"], ["c"]]
+    (left,) = project.state.db.execute(
+        "SELECT count(*) FROM journal WHERE run = ?", (starts[0],)
+    ).fetchone()
+    assert left == 0
+
+
+def test_a_step_rolled_back_under_the_shared_journal_leaves_the_next_checkpoint_exact(
+    project: snapfs.Project, root: Path
+) -> None:
+    """A failed step's rollback lands while the operation's journal keeps running; the retry's
+    checkpoint must see the tree as the rollback left it, not as the failed attempt did."""
+    calls: list[int] = []
+
+    def run(ctx: StepContext, n: int) -> None:
+        calls.append(n)
+        mutate_tree(ctx.project.root)
+        if n == 1:
+            raise OSError(errno.ECONNRESET, "Connection reset by peer")
+
+    flaky_retry = Script(run=run)
+    op = scripted(project, writes("user/first.json", "1"), flaky_retry)
+    run_operation(project, op, sleep=FakeSleep())
+    assert calls == [1, 2]
+    rec = load_operation(project, op)
+    assert [s.status for s in rec.steps] == ["done", "done"]
+    assert flaky_retry.trees_at_start[0] == flaky_retry.trees_at_start[1]
+    # The step's restore point is the tree before its first attempt, exactly.
+    cp = project.resolve(rec.steps[1].checkpoint)
+    project.restore(cp.id)
+    assert tree_state(root) == flaky_retry.trees_at_start[0]
+
+
+@pytest.mark.parametrize("scope", [False, True], ids=["own journal", "shared journal"])
+def test_a_sealed_model_written_in_place_is_named_in_the_warnings(
+    root: Path, tmp_path: Path, scope: bool
+) -> None:
+    """A model stored as a sealed hardlink shares its inode with the snapshot; writing it in
+    place damages the checkpoint's copy too, and the transaction says so by name."""
+    write(root, "models/m.bin", os.urandom(3 << 20))
+    with snapfs.init(root, hardlink_threshold=1 << 20, **fast(tmp_path)) as p:
+        p.snapshot()
+        assert p.store.seal_of(p.state.load_cache()[b"models/m.bin"].oid) is not None
+        os.chmod(root / "models/m.bin", 0o644)  # the user undoes the seal
+        with p.journal_scope() if scope else contextlib.nullcontext():
+            tx = Transaction(p, "op")
+            tx.begin()
+            with open(root / "models/m.bin", "r+b") as f:
+                f.write(b"overwritten")
+            tx.commit()
+    assert len(tx.warnings) == 1 and "models/m.bin was written in place" in tx.warnings[0]
 
 
 def test_a_real_git_step_that_fails_after_cloning_is_rolled_back(
