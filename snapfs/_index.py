@@ -43,6 +43,9 @@ from ._hashing import Oid
 # unchanged (the filesystem's clock ticks coarser than its nanoseconds suggest).
 RACY_NS = 20_000_000
 RACY_COARSE_NS = 2_000_000_000  # filesystems with whole-second timestamps
+# A file snapfs just wrote (restored, placed) is worth waiting out the window for only when it
+# is this large: a smaller one is cheaper to record as racy and re-read at the next scan.
+SETTLE_MIN_SIZE = 8 << 20
 
 
 def recent(ns: int, now_ns: int) -> bool:

@@ -39,7 +39,7 @@ from ._errors import (
 from ._fsops import DIR_FLAGS, READ_FLAGS, LinkMode, open_parent, split_relpath
 from ._hashing import Oid, hash_bytes, hash_fd
 from ._ignore import Ignore
-from ._index import CacheEntry
+from ._index import SETTLE_MIN_SIZE, CacheEntry
 from ._lock import Lock
 from ._objects import ObjectStore, Seal
 from ._scan import (
@@ -1048,11 +1048,13 @@ class Project:
 
     def _cache_placed(self, fd: int, relpath: bytes, oid: Oid, mode: int) -> None:
         # A cache entry is only trusted once its timestamps are safely in the past: a write
-        # within the same clock tick would leave them unchanged.
+        # within the same clock tick would leave them unchanged. A large file (a model) is
+        # worth waiting that tick for, so no scan ever reads it again; a small one is recorded
+        # racy, and the next scan re-reads it for less than the wait would cost.
         while True:
             st = os.fstat(fd)
             age = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns)
-            if age >= RACY_NS:
+            if age >= RACY_NS or st.st_size < SETTLE_MIN_SIZE:
                 break
             time.sleep((RACY_NS - age) / 1e9)
         racy = is_racy(st, time.time_ns())  # a coarse clock's tick is longer: let a scan check

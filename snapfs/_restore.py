@@ -41,7 +41,7 @@ from ._fsops import (
     write_file_atomic,
 )
 from ._hashing import Oid
-from ._index import CacheEntry
+from ._index import SETTLE_MIN_SIZE, CacheEntry
 from ._objects import ObjectStore
 from ._scan import RACY_NS, Progress, ProgressFn, is_racy, is_racy_mtime, no_progress
 from ._threads import LazyPool, Pool
@@ -51,7 +51,6 @@ from ._tree import Entry, Kind
 INTENT_VERSION = 1
 PARALLEL_MIN = 32  # files to stage before threads are worth starting
 IO_THREADS = 4
-SETTLE_MIN_SIZE = 8 << 20  # staged files this large are worth waiting a clock tick for
 
 
 @dataclass(frozen=True, slots=True)

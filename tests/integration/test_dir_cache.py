@@ -167,6 +167,26 @@ def test_placing_a_file_drops_the_records_above_it(project: snapfs.Project, tmp_
     assert project.status().modified == ["models/x/a.bin"]
 
 
+def test_a_placed_model_is_trusted_and_a_small_file_is_rechecked(
+    project: snapfs.Project, tmp_path: Path
+) -> None:
+    """place() waits out the racy window for a large file, so no scan reads it again, and
+    does not wait for a small one: that is recorded racy, and the next scan re-reads it."""
+    from snapfs._hashing import hash_bytes
+    from snapfs._index import SETTLE_MIN_SIZE
+
+    big, small = os.urandom(SETTLE_MIN_SIZE), b"{}\n"
+    for name, data in (("model.bin", big), ("w.json", small)):
+        (tmp_path / name).write_bytes(data)
+    project.place(b"models/model.bin", hash_bytes(big), src=tmp_path / "model.bin")
+    project.place(b"user/w.json", hash_bytes(small), src=tmp_path / "w.json")
+    cache = project.state.load_cache()
+    assert not cache[b"models/model.bin"].racy
+    assert cache[b"user/w.json"].racy
+    project.snapshot()
+    assert not project.status()  # both are recorded as what they are
+
+
 def test_gc_keeps_the_trees_records_name(project: snapfs.Project) -> None:
     root = project.root
     write(root, "x/s/f.txt", "f")
