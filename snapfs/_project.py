@@ -544,9 +544,9 @@ class Project:
     def _watch_hint(
         self, mark: Mark | None = None
     ) -> tuple[Mark | None, Hint | None, SnapshotRow | None]:
-        """With ``snapfs watch`` running: a fresh mark (or ``mark``, one just taken), and a
-        hint if the journal proves what changed since the last watched snapshot (which is
-        then the scan's base)."""
+        """With a journal running (``snapfs watch``, or this process's ``journal_scope``): a
+        fresh mark (or ``mark``, one just taken), and a hint if the journal proves what
+        changed since the last watched snapshot (which is then the scan's base)."""
         if not self.config.journal:
             return None, None, None
         if mark is None and self._shared_journal is not None:
