@@ -32,10 +32,10 @@ from ._project import Project, SnapshotInfo
 from ._project import open as open_project
 from ._scan import Hint, ProgressFn, no_progress
 from ._state import TxnRow
+from ._watch import SharedView, WatchView, external_mark  # loaded with _project anyway
 
 if TYPE_CHECKING:
     from ._journal import Journal
-    from ._watch import WatchView
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -184,8 +184,6 @@ class Transaction:
             # With snapfs watch, the checkpoint is taken as of the mark the journal starts at
             # (one round trip to the watcher instead of two): whatever happens after it is the
             # operation's, and is what its changes and rollback look at.
-            from ._watch import WatchView
-
             first = self._journal.first if isinstance(self._journal, WatchView) else None
             self.checkpoint = p._snapshot(
                 f"before {what}", kind="pre-op", progress=self.progress, mark=first
@@ -227,16 +225,13 @@ class Transaction:
     # ---- the journal: limits the work of changes/rollback to what was touched ------------
     def _start_journal(self) -> None:
         from ._journal import Journal, JournalUnavailable
-        from ._watch import SharedView, WatchView, external_mark
 
         p = self.project
         try:
             shared = p._shared_journal
-            mark = shared.mark() if shared is not None else external_mark(p, timeout=0.5)
             if shared is not None:
-                assert mark is not None
-                self._journal = SharedView(p, shared, mark)  # the operation's journal
-            elif mark is not None:
+                self._journal = SharedView(p, shared, shared.mark())  # the operation's journal
+            elif (mark := external_mark(p, timeout=0.5)) is not None:
                 self._journal = WatchView(p, mark)  # snapfs watch is running: use its journal
             else:
                 self._journal = Journal(

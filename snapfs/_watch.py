@@ -119,32 +119,24 @@ def remember_mark(project: Project, mark: Mark, snapshot: int) -> None:
 class WatchView:
     """The live watcher's journal, used the way a transaction uses its own Journal."""
 
-    def __init__(self, project: Project, first: Mark | None = None) -> None:
+    def __init__(self, project: Project, first: Mark) -> None:
         self.project = project
-        self.first = first  # a mark already taken: where the view starts
+        self.first = first  # the mark the view starts at (the one that found the watcher)
 
     def start(self, timeout: float = 2.0) -> int:
-        from ._journal import JournalUnavailable
-
-        if self.first is None:
-            m = external_mark(self.project, timeout)
-            if m is None:
-                raise JournalUnavailable("snapfs watch is not answering.")
-            self.first = m
         return self.first.seq
 
     def mark(self, timeout: float = 2.0) -> int:
         from ._journal import JournalUnavailable
 
         m = external_mark(self.project, timeout)
-        if m is None or self.first is None or m.run != self.first.run:
+        if m is None or m.run != self.first.run:
             raise JournalUnavailable("snapfs watch stopped during the operation.")
         return m.seq
 
     def touched(self, since: int, until: int) -> Touched:
         from ._journal import Journal
 
-        assert self.first is not None
         return Journal(self.project.root, self.project.state.path).touched(since, until)
 
     def stop(self) -> None:
