@@ -1063,8 +1063,8 @@ class _Download:
         # per byte. Use read1 until the connection proves fast, and again if it slows down.
         # Whole-block reads go straight into one buffer where the body allows it.
         fast = False
-        read1 = getattr(raw, "read1", raw.read)
         into = _body_file(raw)
+        read1 = getattr(raw, "read1", raw.read)
         block = memoryview(bytearray(READ)) if into is not None else None
         data: bytes | memoryview
         try:

@@ -343,6 +343,10 @@ def test_fast_reads_go_straight_into_a_buffer_and_survive_resets(
         return None if fp is None else _CountingBody(fp, calls)
 
     monkeypatch.setattr(_download, "_body_file", counting)
+    # Whether a link counts as fast is timing; this test is about what the fast path does,
+    # so every link counts as fast and no read is slow enough to switch back.
+    monkeypatch.setattr(_download, "FAST_RATE", 0.0)
+    monkeypatch.setattr(_download, "FAST_READ_SECONDS", float("inf"))
     srv.add("/f", blob.data)
     srv.inject("/f", ResetEvery(5 * MiB + 333, times=2))
     dest = tmp_path / "f"
@@ -355,6 +359,54 @@ def test_fast_reads_go_straight_into_a_buffer_and_survive_resets(
     assert all(n <= READ for n in calls)
     assert r.retries >= 2
     assert srv.bytes_sent <= blob.size + 2 * READ
+
+
+@pytest.mark.parametrize("rule", ["never proven fast", "every block slow"])
+def test_fast_reads_only_while_the_link_stays_fast(
+    srv: TimedServer, tmp_path: Path, blob: Blob, monkeypatch: pytest.MonkeyPatch, rule: str
+) -> None:
+    """A link that never proves fast is read with read1 throughout. A whole-block read that
+    turns out slow switches back to read1, so fast reads never run twice in a row."""
+    from snapfs import _download
+
+    calls: list[int] = []
+    real = _download._body_file
+    order: list[str] = []
+
+    class Tracing(_CountingBody):
+        def readinto(self, b: Any) -> int:
+            order.append("fast")
+            return super().readinto(b)
+
+    def traced(raw: Any) -> Any:
+        fp = real(raw)
+        if fp is None:
+            return None
+        read1 = raw.read1
+
+        def slow_read1(n: int = -1) -> bytes:
+            order.append("read1")
+            return bytes(read1(n))
+
+        raw.read1 = slow_read1
+        return Tracing(fp, calls)
+
+    monkeypatch.setattr(_download, "_body_file", traced)
+    if rule == "never proven fast":
+        monkeypatch.setattr(_download, "FAST_RATE", float("inf"))
+    else:
+        monkeypatch.setattr(_download, "FAST_RATE", 0.0)
+        monkeypatch.setattr(_download, "FAST_READ_SECONDS", 0.0)
+    srv.add("/f", blob.data)
+    dest = tmp_path / "f"
+    cfg = fast(tmp_path, download_connections=1, download_chunk=SIZE)
+    snapfs.download(srv.url("/f"), dest, **cfg)
+    assert sha_of(dest) == blob.sha256
+    if rule == "never proven fast":
+        assert calls == [] and "read1" in order
+    else:
+        assert calls, "the link never counted as fast"
+        assert ("fast", "fast") not in set(zip(order, order[1:]))
 
 
 def test_body_file_only_for_undecoded_bodies() -> None:
