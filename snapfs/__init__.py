@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import _faults  # noqa: F401 - first: a testing aid (SNAPFS_FAULT_AT), inert unless set
 from ._config import Config
-from ._diff import Changes, ChangeSet
 from ._errors import (
     BadContent,
     Category,
@@ -37,21 +36,10 @@ from ._errors import (
     UsageError,
 )
 from ._fsops import LinkMode
-from ._project import (
-    GcReport,
-    Problem,
-    Project,
-    RestoreResult,
-    SnapshotInfo,
-    VerifyReport,
-    init,
-    open,
-)
-from ._scan import Progress
-from ._txn import Transaction, checkpoint, checkpointed, transaction
 
 if TYPE_CHECKING:
     from ._classify import Action, Diagnosis, classify
+    from ._diff import Changes, ChangeSet
     from ._doctor import Fix, FixResult, Issue, apply_fix, problems
     from ._download import DownloadProgress, DownloadResult, download
     from ._import import import_workflow
@@ -64,10 +52,37 @@ if TYPE_CHECKING:
         resume,
         skip_step,
     )
+    from ._project import (
+        GcReport,
+        Problem,
+        Project,
+        RestoreResult,
+        SnapshotInfo,
+        VerifyReport,
+        init,
+        open,
+    )
+    from ._scan import Progress
+    from ._txn import Transaction, checkpoint, checkpointed, transaction
 
-# The recovery manager and the downloader load on first use: a snapshot or a status needs
-# none of them, and every command pays for what `import snapfs` imports.
+# Everything but the errors and the config loads on first use: every command pays for what
+# `import snapfs` imports, and a download needs no snapshot code, a snapshot no downloader.
 _LAZY = {
+    "Changes": "_diff",
+    "ChangeSet": "_diff",
+    "GcReport": "_project",
+    "Problem": "_project",
+    "Project": "_project",
+    "RestoreResult": "_project",
+    "SnapshotInfo": "_project",
+    "VerifyReport": "_project",
+    "init": "_project",
+    "open": "_project",
+    "Progress": "_scan",
+    "Transaction": "_txn",
+    "checkpoint": "_txn",
+    "checkpointed": "_txn",
+    "transaction": "_txn",
     "DownloadProgress": "_download",
     "DownloadResult": "_download",
     "download": "_download",

@@ -53,6 +53,7 @@ def recent(ns: int, now_ns: int) -> bool:
     come from a filesystem with a coarse clock: it gets the wider margin."""
     return ns >= now_ns - (RACY_COARSE_NS if ns % 1_000_000_000 == 0 else RACY_NS)
 
+
 MAGIC = b"SNIX2"
 MAGIC_V1 = b"SNIX1"
 HEADER = struct.Struct("<5sIII16sQ")

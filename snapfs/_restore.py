@@ -319,9 +319,7 @@ def _settle(staged: Iterable[Staged]) -> None:
     """Wait out the clock tick of the newest large staged file, so that its stat can be
     trusted once it lands and the next snapshot doesn't read it again. Small files are
     cheaper to re-read than to wait for; a hardlinked model keeps its old mtime."""
-    newest = max(
-        (s.st.st_mtime_ns for s in staged if s.st.st_size >= SETTLE_MIN_SIZE), default=0
-    )
+    newest = max((s.st.st_mtime_ns for s in staged if s.st.st_size >= SETTLE_MIN_SIZE), default=0)
     wait = newest + RACY_NS - time.time_ns()
     if newest and 0 < wait <= RACY_NS:
         time.sleep(wait / 1e9)

@@ -15,15 +15,17 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 import snapfs
 from snapfs import ExitCode, SnapfsError
 from snapfs._config import human_bytes
-from snapfs._project import Project
 from snapfs._state import from_sqlite
+
+if TYPE_CHECKING:
+    from snapfs._project import Project
 
 from .render import (
     print_changes,

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from snapfs import Changes, Progress, SnapshotInfo
 from snapfs._config import human_bytes
-from snapfs._scan import ProgressFn, no_progress
 
 if TYPE_CHECKING:
+    from snapfs import Changes, Progress, SnapshotInfo
     from snapfs._download import DownloadProgress
     from snapfs._restore import Op
+    from snapfs._scan import ProgressFn
 
 
 def safe(text: str) -> str:
@@ -85,6 +85,8 @@ class _Printer:
 
 
 def progress_printer() -> ProgressFn:
+    from snapfs._scan import no_progress
+
     return _Printer() if sys.stderr.isatty() else no_progress
 
 
