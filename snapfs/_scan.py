@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
-from ._errors import ProjectPathError, SnapfsError, from_oserror
-from ._fsops import DIR_FLAGS, READ_FLAGS, stat_changed
+from . import _pscan
+from ._errors import ProjectPathError, SnapfsError, UnsafePath, from_oserror
+from ._fsops import DIR_FLAGS, READ_FLAGS, open_parent, stat_changed
 from ._hashing import Oid, hash_bytes, hash_fd, read_all, unread_oid
 from ._ignore import STATE_DIR
 from ._index import (
@@ -113,6 +114,7 @@ class ScanResult:
     cache_deletes: list[bytes] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     dirs: DirIndex | None = None  # directory records for every directory built (see scan)
+    helped: int = 0  # subtrees a helper process found unchanged (see _pscan)
     # The files (in listing order) of recorded directories holding a file sealed by this scan:
     # their records' key is computed again once the store's commit has moved the seals' ctime.
     sealed_orders: dict[bytes, list[CacheEntry]] = field(default_factory=dict)
@@ -201,6 +203,7 @@ class _Dir:
         "st",
         "cached",
         "clean",
+        "inherited",
     )
 
     def __init__(self, st: os.stat_result | None, cached: Oid | None) -> None:
@@ -214,6 +217,8 @@ class _Dir:
         self.st = st  # the directory's own stat, taken before it was listed
         self.cached = cached  # its tree oid, if its directory record matches that stat
         self.clean = True  # every entry is as the stat cache has it (files) or unread (dirs)
+        # A subtree a helper process found unchanged: the records of all its directories.
+        self.inherited: DirIndex | None = None
 
 
 def _join(parent: bytes, name: bytes) -> bytes:
@@ -529,38 +534,117 @@ def scan(
         d.clean = clean
         d.regular_st = []  # handled
 
+    def vanished(parent_rel: bytes, name: bytes) -> None:
+        parent = listing[parent_rel]
+        parent.subdirs = [x for x in parent.subdirs if x[0] != name]
+        parent.clean = False
+
+    # Subtrees that helper processes check meanwhile (see _pscan).
+    helpers: list[_pscan.Helper] = []
+    delegated: set[bytes] = set()
+    anchor = -1  # the root, still open once the walk has closed its own descriptor
+    deferred: list[tuple[bytes, os.stat_result]] = []  # (root, its stat as listed)
+    if use_dirs and dirs:
+        shares = _pscan.plan(dirs, _pscan.procs_available())
+        if shares:
+            records = dirs
+
+            def check(fd: int, rel: bytes) -> _pscan.Verdict:
+                return _pscan.check_subtree(
+                    fd, rel, records, ignore, check_ignore, _files_key, state_dir
+                )
+
+            helpers = _pscan.start(root_fd, shares, check)
+            delegated = {rel for h in helpers for rel in h.roots}
+            if helpers:
+                anchor = os.dup(root_fd)
+
+    def walk(stack: list[_Frame], out: list[bytes]) -> None:
+        """Walk the subtrees on ``stack`` depth-first, appending each directory to ``out``
+        after its subdirectories. A delegated subtree is only noted for later."""
+        while stack:
+            top = stack[-1]
+            if top.i < len(top.subdirs):
+                name, listed_as = top.subdirs[top.i]
+                top.i += 1
+                child = _join(top.relpath, name)
+                if child in delegated:
+                    listing[child] = _Dir(None, None)  # filled in or walked once it's answered
+                    deferred.append((child, listed_as))
+                    out.append(child)
+                    continue
+                try:
+                    cfd = os.open(name, DIR_FLAGS, dir_fd=top.fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                        vanished(top.relpath, name)
+                        continue  # vanished or swapped for a symlink mid-walk
+                    raise from_oserror(
+                        exc, "Reading the project", root / os.fsdecode(child)
+                    ) from exc
+                stack.append(_Frame(cfd, child, []))
+                stack[-1].subdirs = list_dir(cfd, child, listed_as)
+                continue
+            os.close(top.fd)
+            stack.pop()
+            out.append(top.relpath)
+
+    def settle_delegated() -> None:
+        """Take each helper's answer: a subtree it vouched for is reused as recorded; any other
+        is walked here, its directories spliced into ``postorder`` where it was noted."""
+        nonlocal counter, known, nbytes
+        answers: dict[bytes, object] = {}
+        for h in helpers:
+            answers.update(h.verdicts())
+        helpers.clear()
+        walked: dict[bytes, list[bytes]] = {}
+        for rel, listed_as in deferred:
+            v = answers.get(rel)
+            if isinstance(v, tuple) and v[0] == _pscan.stat_key(listed_as):
+                _own, nfiles, nb, verified, skipped = v
+                d = listing[rel]
+                d.cached = dirs[rel].oid  # type: ignore[index]
+                d.inherited = {r: dirs[r] for r in verified}  # type: ignore[index]
+                counter += nfiles
+                known += nfiles
+                nbytes += nb
+                vouched.update(verified)
+                result.skipped.extend(skipped)
+                result.helped += 1
+                continue
+            walked[rel] = []
+            parent_rel, _sep, name = rel.rpartition(b"/")
+            try:
+                with open_parent(anchor, rel) as (pfd, name):
+                    cfd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+            except UnsafePath:  # an ancestor is a symlink now: gone from where it was listed
+                vanished(parent_rel, name)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    vanished(parent_rel, name)
+                    continue
+                raise from_oserror(exc, "Reading the project", root / os.fsdecode(rel)) from exc
+            stack.append(_Frame(cfd, rel, []))  # closed by the cleanup below if listing fails
+            stack[-1].subdirs = list_dir(cfd, rel, listed_as)
+            walk(stack, walked[rel])
+        if walked:
+            postorder[:] = [x for rel in postorder for x in walked.get(rel, (rel,))]
+
     stack: list[_Frame] = []
     try:
         with paused_gc():  # the walk allocates much and makes no reference cycles
             stack.append(_Frame(root_fd, b"", list_dir(root_fd, b"", None)))
-            while stack:
-                top = stack[-1]
-                if top.i < len(top.subdirs):
-                    name, listed_as = top.subdirs[top.i]
-                    top.i += 1
-                    child = _join(top.relpath, name)
-                    try:
-                        cfd = os.open(name, DIR_FLAGS, dir_fd=top.fd)
-                    except OSError as exc:
-                        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-                            parent = listing[top.relpath]
-                            parent.subdirs = [x for x in parent.subdirs if x[0] != name]
-                            parent.clean = False
-                            continue  # vanished or swapped for a symlink mid-walk
-                        raise from_oserror(
-                            exc, "Reading the project", root / os.fsdecode(child)
-                        ) from exc
-                    stack.append(_Frame(cfd, child, []))
-                    stack[-1].subdirs = list_dir(cfd, child, listed_as)
-                    continue
-                os.close(top.fd)
-                stack.pop()
-                postorder.append(top.relpath)
+            walk(stack, postorder)
+            if deferred or helpers:
+                settle_delegated()
             result.files, result.nbytes = counter, nbytes
             result.root = _build_trees(listing, postorder, result, start_ns, use_dirs, files_of)
     except BaseException:
         for frame in stack:
             os.close(frame.fd)
+        for h in helpers:
+            h.abandon()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
             pool = None
@@ -568,6 +652,8 @@ def scan(
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
+        if anchor >= 0:
+            os.close(anchor)
     if hint is None:
         # Every relpath is listed once, so when as many listed files had an entry as the cache
         # holds, every entry was seen and nothing is gone.
@@ -599,6 +685,12 @@ def _build_trees(
     for rel in postorder:
         d = listing[rel]
         prefix = rel + b"/" if rel else b""
+        if d.inherited is not None:  # a helper found the whole subtree as recorded
+            tree_of[rel] = d.cached  # type: ignore[assignment]
+            reused.add(rel)
+            if record:
+                records.update(d.inherited)
+            continue
         if (
             d.cached is not None
             and d.clean

@@ -224,6 +224,27 @@ def mutate(root: bytes, data: st.DataObject) -> list[str]:
 def test_snapshot_mutate_restore_round_trip(
     tree: dict[bytes, File | Link | Dir], data: st.DataObject
 ) -> None:
+    _round_trip(tree, data)
+
+
+@settings(PROPERTY_SETTINGS, max_examples=25)
+@given(tree=roots, data=st.data())
+def test_round_trip_with_scan_helpers(
+    tree: dict[bytes, File | Link | Dir], data: st.DataObject
+) -> None:
+    """The same, with every full walk sharing the tree out to helper processes (see _pscan):
+    each snapshot, status and pre-restore snapshot after the first has records to check."""
+    from snapfs import _pscan
+
+    saved = _pscan.MIN_DIRS, _pscan.procs_available
+    _pscan.MIN_DIRS, _pscan.procs_available = 1, lambda: 3
+    try:
+        _round_trip(tree, data)
+    finally:
+        _pscan.MIN_DIRS, _pscan.procs_available = saved
+
+
+def _round_trip(tree: dict[bytes, File | Link | Dir], data: st.DataObject) -> None:
     with tempfile.TemporaryDirectory(prefix="snapfs-prop-") as tmp:
         root = Path(tmp) / "proj"
         root.mkdir()
