@@ -69,6 +69,7 @@ class Config:
     compress: bool = True
     compress_level: int = 3
     workers: int = 4
+    scan_helpers: int = 3  # processes that check unchanged subtrees during a full walk; 0: none
     verify_restore: bool = True
     lock_wait: bool = True
     preserve: tuple[str, ...] = ()  # gitignore-style patterns a rollback never touches
@@ -103,6 +104,7 @@ _ENV = {
     "SNAPFS_COMPRESS": "compress",
     "SNAPFS_COMPRESS_LEVEL": "compress_level",
     "SNAPFS_WORKERS": "workers",
+    "SNAPFS_SCAN_HELPERS": "scan_helpers",
     "SNAPFS_VERIFY_RESTORE": "verify_restore",
     "SNAPFS_PRESERVE": "preserve",
     "SNAPFS_AUTO_KEEP": "auto_keep",
@@ -137,6 +139,7 @@ _SECONDS = (
 _COUNTS = {  # name -> (lowest, highest)
     "compress_level": (1, 22),
     "workers": (1, 64),
+    "scan_helpers": (0, 64),
     "download_connections": (1, 64),
     "retry_attempts": (1, 1000),
     "breaker_threshold": (1, 1000),

@@ -33,7 +33,6 @@ _IFDIR = 0o040000
 _IFREG = 0o100000
 _IFLNK = 0o120000
 
-MAX_PROCS = 4  # helpers plus the walker itself
 MIN_DIRS = 256  # below this many recorded directories a fork costs more than it saves
 # A subtree larger than this share of the tree is split into its subdirectories, so that one
 # change costs the walker a re-walk of a small subtree, and the shares come out even.
@@ -55,7 +54,7 @@ def procs_available() -> int:
         cpus = len(os.sched_getaffinity(0))
     except OSError:  # pragma: no cover
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_PROCS))
+    return max(1, cpus)
 
 
 def plan(dirs: DirIndex, procs: int) -> list[list[bytes]]:

@@ -259,6 +259,7 @@ def scan(
     cache: Index | FileRecords,
     batch: IngestBatch | None,
     workers: int = 4,
+    helpers: int = 0,
     inline_max: int = 1 << 20,
     progress: ProgressFn = no_progress,
     hint: Hint | None = None,
@@ -280,7 +281,8 @@ def scan(
     cache and whose subdirectories all qualify in turn: the directory's names are then the same
     (any create, delete or rename in it moves its ctime), and so are its entries. Every file is
     still lstat-ed: writing a file in place does not touch its directory. A full walk with
-    ``dirs`` returns fresh records in ``result.dirs``.
+    ``dirs`` returns fresh records in ``result.dirs``. Up to ``helpers`` forked processes check
+    subtrees against those records meanwhile (see ``_pscan``).
     """
     descend = hint.descend_set() if hint is not None else set()
     if hint is not None and not hint.everything and b"" not in descend:
@@ -540,12 +542,12 @@ def scan(
         parent.clean = False
 
     # Subtrees that helper processes check meanwhile (see _pscan).
-    helpers: list[_pscan.Helper] = []
+    running: list[_pscan.Helper] = []
     delegated: set[bytes] = set()
     anchor = -1  # the root, still open once the walk has closed its own descriptor
     deferred: list[tuple[bytes, os.stat_result]] = []  # (root, its stat as listed)
     if use_dirs and dirs:
-        shares = _pscan.plan(dirs, _pscan.procs_available())
+        shares = _pscan.plan(dirs, min(helpers + 1, _pscan.procs_available()))
         if shares:
             records = dirs
 
@@ -554,9 +556,9 @@ def scan(
                     fd, rel, records, ignore, check_ignore, _files_key, state_dir
                 )
 
-            helpers = _pscan.start(root_fd, shares, check)
-            delegated = {rel for h in helpers for rel in h.roots}
-            if helpers:
+            running = _pscan.start(root_fd, shares, check)
+            delegated = {rel for h in running for rel in h.roots}
+            if running:
                 anchor = os.dup(root_fd)
 
     def walk(stack: list[_Frame], out: list[bytes]) -> None:
@@ -594,9 +596,9 @@ def scan(
         is walked here, its directories spliced into ``postorder`` where it was noted."""
         nonlocal counter, known, nbytes
         answers: dict[bytes, object] = {}
-        for h in helpers:
+        for h in running:
             answers.update(h.verdicts())
-        helpers.clear()
+        running.clear()
         walked: dict[bytes, list[bytes]] = {}
         for rel, listed_as in deferred:
             v = answers.get(rel)
@@ -636,14 +638,14 @@ def scan(
         with paused_gc():  # the walk allocates much and makes no reference cycles
             stack.append(_Frame(root_fd, b"", list_dir(root_fd, b"", None)))
             walk(stack, postorder)
-            if deferred or helpers:
+            if deferred or running:
                 settle_delegated()
             result.files, result.nbytes = counter, nbytes
             result.root = _build_trees(listing, postorder, result, start_ns, use_dirs, files_of)
     except BaseException:
         for frame in stack:
             os.close(frame.fd)
-        for h in helpers:
+        for h in running:
             h.abandon()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

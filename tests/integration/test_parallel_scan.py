@@ -62,6 +62,7 @@ def _scan_with(p: Any, procs: int, monkeypatch: pytest.MonkeyPatch) -> _scan.Sca
         ignore=ignore,
         cache=p.state.file_records(),
         batch=None,
+        helpers=procs - 1,
         dirs=p.state.load_dir_cache(ignore.fingerprint),
     )
 
@@ -196,6 +197,30 @@ def test_a_failing_helper_only_costs_time(
     helped = _scan_with(project, 3, monkeypatch)
     _same(helped, alone)
     assert (helped.helped > 0) == (how == "answers another tree")
+
+
+@pytest.mark.parametrize("setting", [0, 1, 3])
+def test_the_scan_helpers_setting_caps_the_helpers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: int
+) -> None:
+    root = tmp_path / "p"
+    _build(root)
+    (root / "node05/pkg1/pipe").unlink()
+    monkeypatch.setattr(_pscan, "MIN_DIRS", 16)
+    monkeypatch.setattr(_pscan, "procs_available", lambda: 8)
+    started: list[int] = []
+    real = _pscan.start
+
+    def counting(fd: int, shares: list[list[bytes]], check: Any) -> list[_pscan.Helper]:
+        started.append(len(shares))
+        return real(fd, shares, check)
+
+    monkeypatch.setattr(_pscan, "start", counting)
+    with snapfs.init(root, scan_helpers=setting) as p:
+        p.snapshot("records")
+        p.snapshot("helped")
+        assert not p.status()
+    assert started == ([setting, setting] if setting else [])
 
 
 def test_no_helpers_while_other_threads_run() -> None:
