@@ -10,6 +10,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -200,13 +201,28 @@ class ProjectState:
         except sqlite3.DatabaseError as exc:
             raise from_sqlite(exc, self.path) from exc
 
+    @contextmanager
+    def _synced(self, durable: bool) -> Iterator[None]:
+        """Commits inside skip the fsync unless ``durable``. WAL keeps them in order: a later
+        durable commit makes this one durable too, and a process crash never loses it."""
+        if durable:
+            yield
+            return
+        self.db.execute("PRAGMA synchronous=OFF")
+        try:
+            yield
+        finally:
+            self.db.execute("PRAGMA synchronous=FULL")
+
     # ---- meta ---------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def set_meta(self, key: str, value: str | None) -> None:
-        with self.db:
+    def set_meta(self, key: str, value: str | None, *, durable: bool = True) -> None:
+        """``durable=False`` for what means nothing once every process is gone (a watcher's
+        marks): written for every other process at once, but not worth an fsync."""
+        with self._synced(durable), self.db:
             if value is None:
                 self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
             else:
@@ -379,7 +395,9 @@ class ProjectState:
         return int(cur.lastrowid or 0)
 
     def set_txn_owner(self, txn: int, owner: str) -> None:
-        with self.db:
+        # Who runs a transaction matters only while they live, and a crash of the machine ends
+        # them all: the row itself (begin_txn) was made durable, this update needn't be.
+        with self._synced(False), self.db:
             self.db.execute("UPDATE transactions SET owner = ? WHERE id = ?", (owner, txn))
 
     def txns(self, *, status: str | None = None, limit: int | None = None) -> list[TxnRow]:

@@ -111,8 +111,11 @@ def last_mark(project: Project) -> tuple[Mark, int] | None:
 
 
 def remember_mark(project: Project, mark: Mark, snapshot: int) -> None:
+    # Meaningful only while this watcher runs (a restart starts a new run): no fsync.
     project.state.set_meta(
-        MARK_KEY, json.dumps({"run": mark.run, "seq": mark.seq, "snapshot": snapshot})
+        MARK_KEY,
+        json.dumps({"run": mark.run, "seq": mark.seq, "snapshot": snapshot}),
+        durable=False,
     )
 
 

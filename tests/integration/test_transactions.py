@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import snapfs
+from snapfs._txn import Owner
 from tests.helpers import (
     TreeState,
     mutate_tree,
@@ -791,3 +792,37 @@ def test_checkpointed_without_a_project_argument_is_a_usage_error(
         import_model("a")
     assert calls == []
     assert project.snapshots() == []
+
+
+def test_only_commits_that_outlive_no_process_skip_the_fsync(tmp_path: Path) -> None:
+    """A transaction's owner and a watcher's mark matter only while processes live, so their
+    commits skip the fsync; everything after them is fsynced again, even when one fails."""
+    root = tmp_path / "p"
+    root.mkdir()
+    with snapfs.init(root) as p:
+        db = p.state.db
+
+        def synchronous() -> int:
+            return int(db.execute("PRAGMA synchronous").fetchone()[0])
+
+        assert synchronous() == 2  # FULL
+        cp = p.snapshot("checkpoint").id
+        owner = Owner.current().dumps()
+        txn = p.state.begin_txn(label="t", parent=None, checkpoint=cp, owner=owner, preserve="")
+        seen: list[str] = []
+        db.set_trace_callback(seen.append)
+        p.state.set_txn_owner(txn, owner)
+        db.set_trace_callback(None)
+        sync = [s for s in seen if "synchronous" in s or s.startswith(("UPDATE", "COMMIT"))]
+        assert [s.split(" ")[0] for s in sync] == ["PRAGMA", "UPDATE", "COMMIT", "PRAGMA"]
+        assert (sync[0], sync[-1]) == ("PRAGMA synchronous=OFF", "PRAGMA synchronous=FULL")
+        assert synchronous() == 2
+        p.state.set_meta("k", "v", durable=False)
+        assert synchronous() == 2 and p.state.get_meta("k") == "v"
+        with pytest.raises(sqlite3.OperationalError):
+            with p.state._synced(False), db:
+                db.execute("UPDATE no_such_table SET x = 1")
+        assert synchronous() == 2
+    with snapfs.open(root) as p:  # written for every other process
+        assert p.state.get_meta("k") == "v"
+        assert [r.id for r in p.state.txns() if r.owner == owner] == [txn]
