@@ -586,7 +586,7 @@ class Project:
             cur = self._scan_readonly(progress)
             plan = plan_restore(self._overlay(cur.trees), cur.root, target.root)
             return RestoreResult(target.id, None, plan, len(plan), dry_run=True)
-        with self._write_lock(f"restore {ref}"):
+        with self._write_lock(f"restore {ref}"), self.state.deferred_index():
             self._recover_locked()
             target = self.resolve(ref)
             head = self.state.head

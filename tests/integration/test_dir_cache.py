@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 import snapfs
 from snapfs._ignore import Ignore
 from snapfs._index import HEADER_V1, MAGIC_V1, RECORD, CacheEntry, load_index
@@ -274,3 +276,54 @@ def test_a_freshly_sealed_model_is_not_read_again(tmp_path: Path) -> None:
         counting = _CountingCache(cache)
         res = scan(root, ignore=Ignore.load(root), cache=counting, batch=None, dirs=dirs)
         assert res.hashed == 0 and res.trees == {} and counting.lookups == 0
+
+
+def test_a_restore_writes_the_stat_cache_once_and_it_stays_true(
+    project: snapfs.Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state left and the state landed both update the cache; it is written once, at the
+    end, and then vouches for the restored tree (nothing read again), even if a restore fails
+    half-way."""
+    from snapfs import _state
+
+    root = project.root
+    for i in range(20):
+        write(root, f"d{i % 4}/f{i}.txt", f"v1 {i}")
+    first = project.snapshot("first")
+    write(root, "d0/f0.txt", "v2 changed")
+    write(root, "d9/new.txt", "new")
+    (root / "d1/f1.txt").unlink()
+    _settle()
+    saves: list[int] = []
+    real = _state.save_index
+    monkeypatch.setattr(
+        _state,
+        "save_index",
+        lambda path, files, *a: (saves.append(len(files)), real(path, files, *a)),
+    )
+    res = project.restore(first.id)
+    assert res.pre_restore is not None and len(saves) == 1
+    _settle()
+    # A fresh process's view: nothing needs reading, and the records give the same tree.
+    with snapfs.open(root) as again:
+        ignore = Ignore.load(root)
+        s = scan(root, ignore=ignore, cache=again.state.file_records(), batch=None,
+                 dirs=again.state.load_dir_cache(ignore.fingerprint))  # fmt: skip
+        assert s.hashed == 0 and s.root == _full_scan_root(again) == again.resolve(first.id).root
+
+    # A restore that fails after saving the state it leaves still writes the cache for it.
+    write(root, "d2/f2.txt", "v3")
+    _settle()
+    saves.clear()
+
+    def boom(*_a: object, **_k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(project, "_restore_to", boom)
+    with pytest.raises(OSError):
+        project.restore(first.id)
+    assert len(saves) == 1
+    with snapfs.open(root) as again:
+        ignore = Ignore.load(root)
+        s = scan(root, ignore=ignore, cache=again.state.file_records(), batch=None)
+        assert s.hashed == 0  # the cache already knew d2/f2.txt as it is now
