@@ -29,6 +29,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -1678,13 +1679,24 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(
     assert srv.bytes_sent <= blob.size + CONNS * (READ + 2 * (2 * MiB // 20))
 
 
+def _blocked_on_a_lock(pid: int) -> bool:
+    """Is ``pid`` waiting for a file lock another process holds (a ``->`` line in /proc/locks)?"""
+    with open("/proc/locks", encoding="ascii", errors="replace") as f:
+        return any(
+            len(parts := line.split()) > 5 and parts[1] == "->" and parts[5] == str(pid)
+            for line in f
+        )
+
+
 @pytest.mark.parametrize("mode", ["plain", "project"])
 def test_two_processes_download_the_same_file(
-    srv: TimedServer, tmp_path: Path, blob: Blob, mode: str
+    srv: TimedServer, tmp_path: Path, blob: Blob, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     srv.add("/f", blob.data)
     srv.inject("/f", Throttle(4 * MiB))
-    env = cli_env(tmp_path)
+    # No stall here, and the first process's requests are held below while the second one
+    # starts: a read timeout is only a guard against a hang.
+    env = cli_env(tmp_path, SNAPFS_READ_TIMEOUT="60")
     if mode == "plain":
         dest = tmp_path / "f"
         records = tmp_path  # <dest>.snapfs-part.db lives next to DEST
@@ -1696,6 +1708,19 @@ def test_two_processes_download_the_same_file(
         dest = proj / "models" / "f.bin"
         records = proj / ".snapfs" / "downloads"
         cmd = snapfs_cmd("-C", str(proj), "download", srv.url("/f"), "-o", "models/f.bin", "--json")
+
+    # The first process must still be downloading when the second reaches the lock, however
+    # long the second takes to start: every request after the first waits until then (the
+    # first request, for the first chunk, says the file is larger than one chunk).
+    second_waits = threading.Event()
+    decide = srv._decide
+
+    def held(ex: Any) -> Any:
+        if ex.seq > 1:
+            second_waits.wait(60)  # a guard against a hang: set as soon as the second waits
+        return decide(ex)
+
+    monkeypatch.setattr(srv, "_decide", held)
 
     def first_extent_recorded() -> bool:
         dbs = list(records.glob("*" + PART + ".db")) if records.exists() else []
@@ -1712,9 +1737,17 @@ def test_two_processes_download_the_same_file(
         second = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+        waiter = second
+        wait_for(
+            lambda: _blocked_on_a_lock(waiter.pid) or waiter.poll() is not None,
+            "the second process to wait for the lock",
+        )
+        assert first.poll() is None, "the first download finished before the second waited"
+        second_waits.set()
         out1, err1 = first.communicate(timeout=60)
         out2, err2 = second.communicate(timeout=60)
     finally:
+        second_waits.set()
         for p in (first, second):
             if p is not None and p.poll() is None:
                 p.kill()
