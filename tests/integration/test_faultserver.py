@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -301,16 +302,32 @@ def test_faults_are_used_up_only_by_a_body_that_reaches_them(srv: FaultServer) -
     assert srv.active_faults("/data") == ()
 
 
-def test_clear_faults_disarms_responses_under_way(srv: FaultServer) -> None:
+def test_clear_faults_disarms_responses_under_way(
+    srv: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests import faultserver
+
+    # The faults must be cleared during the stall, however slowly this thread gets to it: the
+    # stall lasts until then (a 60 s guard against a hang), and 0.3 s more.
+    cleared = threading.Event()
+    act = faultserver._Handler._act
+
+    def act_once_cleared(self: Any, rule: Any) -> bool:
+        if isinstance(rule, Stall):
+            cleared.wait(60)
+        return act(self, rule)
+
+    monkeypatch.setattr(faultserver._Handler, "_act", act_once_cleared)
     srv.inject("/data", Stall(seconds=0.3, after=1000), Reset(after=2000), ResetEvery(3000))
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as s:
         s.sendall(b"GET /data HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         buf = b""
         while not buf.endswith(DATA[:1000]):
             buf += s.recv(65536)
         # The bytes arrive a moment before the server claims the stall that follows them.
-        wait_for(lambda: srv.requests[-1].faults == ("Stall",), "the stall to begin", timeout=5)
+        wait_for(lambda: srv.requests[-1].faults == ("Stall",), "the stall to begin")
         srv.clear_faults()  # during the stall
+        cleared.set()
         while chunk := s.recv(1 << 20):
             buf += chunk
     assert buf.endswith(b"\r\n\r\n" + DATA)
