@@ -133,7 +133,10 @@ class Helper:
             os.kill(self.pid, 9)
         except OSError:  # pragma: no cover - already gone
             pass
-        os.close(self.fd)
+        try:
+            os.close(self.fd)
+        except OSError:  # already answered (its verdicts were read)
+            pass
         _reap(self.pid)
 
 

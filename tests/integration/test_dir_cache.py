@@ -304,12 +304,14 @@ def test_a_restore_writes_the_stat_cache_once_and_it_stays_true(
     res = project.restore(first.id)
     assert res.pre_restore is not None and len(saves) == 1
     _settle()
-    # A fresh process's view: nothing needs reading, and the records give the same tree.
+    # A fresh process's view: the cache and records give the restored tree, and only the two
+    # small files the restore wrote are read again (recorded racy on purpose, see place()).
     with snapfs.open(root) as again:
         ignore = Ignore.load(root)
         s = scan(root, ignore=ignore, cache=again.state.file_records(), batch=None,
                  dirs=again.state.load_dir_cache(ignore.fingerprint))  # fmt: skip
-        assert s.hashed == 0 and s.root == _full_scan_root(again) == again.resolve(first.id).root
+        assert s.root == _full_scan_root(again) == again.resolve(first.id).root
+        assert s.hashed <= 2
 
     # A restore that fails after saving the state it leaves still writes the cache for it.
     write(root, "d2/f2.txt", "v3")
