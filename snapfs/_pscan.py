@@ -65,15 +65,24 @@ def plan(dirs: DirIndex, procs: int) -> list[list[bytes]]:
     """
     if procs < 2 or len(dirs) < MIN_DIRS:
         return []
+    # Sizes bottom-up. A folder without a record (racy when last snapshotted: the project's
+    # root often is, after any change at the top) still links its recorded subfolders in.
+    size: dict[bytes, int] = {}
+    by_depth: dict[int, list[bytes]] = {}
+    for rel in dirs:
+        if rel:
+            size[rel] = 1
+            by_depth.setdefault(rel.count(b"/"), []).append(rel)
     children: dict[bytes, list[bytes]] = {}
-    size: dict[bytes, int] = dict.fromkeys(dirs, 1)
-    for rel in sorted(dirs, key=lambda r: r.count(b"/"), reverse=True):
-        if not rel:
-            continue
-        parent = rel.rpartition(b"/")[0]
-        if parent in size:
-            size[parent] += size[rel]
+    for depth in range(max(by_depth, default=-1), -1, -1):
+        for rel in by_depth.get(depth, ()):
+            parent = rel.rpartition(b"/")[0]
             children.setdefault(parent, []).append(rel)
+            if parent:
+                if parent not in size:
+                    size[parent] = 0
+                    by_depth.setdefault(depth - 1, []).append(parent)
+                size[parent] += size[rel]
     total = len(dirs)
     limit = max(1, int(total * SPLIT_SHARE))
     roots: list[bytes] = []
@@ -81,8 +90,10 @@ def plan(dirs: DirIndex, procs: int) -> list[list[bytes]]:
     while todo:
         rel = todo.pop()
         kids = children.get(rel)
-        if size[rel] > limit and kids:
+        if kids and (size[rel] > limit or rel not in dirs):
             todo.extend(kids)  # the walker lists this one; its subdirectories are shared out
+        elif rel not in dirs:
+            continue  # pragma: no cover - an unrecorded folder is only ever an ancestor
         else:
             roots.append(rel)
     # Largest first, each to the least loaded; the walker (bin 0) also lists every directory
