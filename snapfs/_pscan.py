@@ -20,18 +20,20 @@ from __future__ import annotations
 import errno
 import marshal
 import os
+import stat
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from ._fsops import DIR_FLAGS
-from ._index import DirIndex
+from ._errors import SnapfsError
+from ._fsops import DIR_FLAGS, open_parent
+from ._index import DirIndex, DirRecord
 
 _IFMT = 0o170000
-_IFDIR = 0o040000
-_IFREG = 0o100000
-_IFLNK = 0o120000
+_IFDIR = stat.S_IFDIR
+_IFREG = stat.S_IFREG
+_IFLNK = stat.S_IFLNK
 
 MIN_DIRS = 256  # below this many recorded directories a fork costs more than it saves
 # A subtree larger than this share of the tree is split into its subdirectories, so that one
@@ -211,13 +213,12 @@ def check_subtree(
     as listed and again once opened, passes in turn. The same entries are left out as there:
     the state directory and what the ignore rules exclude.
     """
-    parts = rel.split(b"/")
-    fd = os.dup(root_fd)
     try:
-        for part in parts:
-            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
+        with open_parent(root_fd, rel) as (pfd, name):
+            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+    except (OSError, SnapfsError):  # gone, or a symlink on the way now: the walker will see
+        return rel, None
+    try:
         dst = os.fstat(fd)
         totals = [0, 0]
         verified: list[bytes] = []
@@ -246,15 +247,7 @@ def _check_dir(
     skipped: list[tuple[str, str]],
 ) -> bool:
     e = dirs.get(rel)
-    if (
-        e is None
-        or not e[7]
-        or e[1] != dst.st_ino
-        or e[4] != dst.st_ctime_ns
-        or e[3] != dst.st_mtime_ns
-        or e[2] != dst.st_size
-        or e[0] != dst.st_dev
-    ):
+    if e is None or not e[7] or not record_matches(e, dst):
         return False
     fs_encoding, fs_errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
     prefix = rel + b"/"
@@ -310,6 +303,17 @@ def _check_dir(
         finally:
             os.close(cfd)
     return True
+
+
+def record_matches(e: DirRecord, st: os.stat_result) -> bool:
+    """The folder's stat is the one its record was made from (fields by index: hot)."""
+    return (
+        e[1] == st.st_ino
+        and e[4] == st.st_ctime_ns
+        and e[3] == st.st_mtime_ns
+        and e[2] == st.st_size
+        and e[0] == st.st_dev
+    )
 
 
 def stat_key(s: os.stat_result) -> tuple[int, int, int, int, int, int]:

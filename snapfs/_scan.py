@@ -38,6 +38,7 @@ from ._index import (
     recent,
 )
 from ._objects import IngestBatch, Ingested
+from ._pscan import record_matches, stat_key
 from ._threads import executor
 from ._tree import Entry, Kind, decode, encode, tree_oid
 
@@ -349,18 +350,10 @@ def scan(
             dst = os.fstat(fd)
             # The parent's tree records this directory's mode as its listing saw it; only a
             # record taken from that same stat can stand for it (a chmod in between differs).
-            if listed_as is not None and not _same_dir_stat(listed_as, dst):
+            if listed_as is not None and stat_key(listed_as) != stat_key(dst):
                 dst = None  # neither trusted nor recorded
             e = get_dir(rel) if dst is not None else None
-            if (
-                e is not None
-                and dst is not None
-                and e[1] == dst.st_ino
-                and e[4] == dst.st_ctime_ns
-                and e[3] == dst.st_mtime_ns
-                and e[2] == dst.st_size
-                and e[0] == dst.st_dev
-            ):
+            if e is not None and dst is not None and record_matches(e, dst):
                 rec = e
         d = _Dir(dst, rec[6] if rec is not None else None)
         entries, subdirs = d.entries, d.subdirs
@@ -602,7 +595,7 @@ def scan(
         walked: dict[bytes, list[bytes]] = {}
         for rel, listed_as in deferred:
             v = answers.get(rel)
-            if isinstance(v, tuple) and v[0] == _pscan.stat_key(listed_as):
+            if isinstance(v, tuple) and v[0] == stat_key(listed_as):
                 _own, nfiles, nb, verified, skipped = v
                 d = listing[rel]
                 d.cached = dirs[rel].oid  # type: ignore[index]
@@ -755,17 +748,6 @@ def _build_trees(
     if record:
         result.dirs = records
     return tree_of[b""]
-
-
-def _same_dir_stat(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_ino, a.st_dev, a.st_ctime_ns, a.st_mtime_ns, a.st_size, a.st_mode) == (
-        b.st_ino,
-        b.st_dev,
-        b.st_ctime_ns,
-        b.st_mtime_ns,
-        b.st_size,
-        b.st_mode,
-    )
 
 
 def _files_key(stats: list[int]) -> bytes:
