@@ -193,6 +193,11 @@ def _coerce(name: str, value: Any, base: Path | None) -> Any:
                 raise ValueError(n)
             return n
     except (ValueError, TypeError) as exc:
+        if name in _COUNTS:
+            lo, hi = _COUNTS[name]
+            raise UsageError(
+                f"Bad value for {name}: {value!r} (a whole number from {lo} to {hi})."
+            ) from exc
         raise UsageError(f"Bad value for {name}: {value!r}.") from exc
     raise UsageError(f"Unknown setting {name!r}.")
 

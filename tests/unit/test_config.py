@@ -144,7 +144,26 @@ BAD_VALUES: list[tuple[str, str, Any]] = [
     ("verify_restore", "SNAPFS_VERIFY_RESTORE", "sometimes"),
     ("hardlink_threshold", "SNAPFS_HARDLINK_THRESHOLD", "12 parsecs"),
     ("hardlink_threshold", "SNAPFS_HARDLINK_THRESHOLD", "-1"),
+    ("scan_helpers", "SNAPFS_SCAN_HELPERS", "-1"),
+    ("scan_helpers", "SNAPFS_SCAN_HELPERS", "some"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        (
+            "SNAPFS_SCAN_HELPERS",
+            "65",
+            "Bad value for scan_helpers: '65' (a whole number from 0 to 64).",
+        ),
+        ("SNAPFS_WORKERS", "many", "Bad value for workers: 'many' (a whole number from 1 to 64)."),
+    ],
+)
+def test_a_bad_count_names_its_range(root: Path, var: str, value: str, message: str) -> None:
+    with pytest.raises(UsageError) as err:
+        load_config(root, {var: value})
+    assert str(err.value) == message
 
 
 @pytest.mark.parametrize(("name", "var", "value"), BAD_VALUES)
