@@ -49,7 +49,6 @@ from ._trash import Trash
 from ._tree import Entry, Kind
 
 INTENT_VERSION = 1
-PARALLEL_MIN = 32  # files to stage before threads are worth starting
 IO_THREADS = 4
 
 
@@ -218,13 +217,13 @@ def apply_restore(
     staging.mkdir(parents=True)
     sfd = os.open(staging, DIR_FLAGS)
     root_fd = os.open(root, DIR_FLAGS)
-    # Creating and unlinking files is mostly waiting on the disk's journal: a few threads
-    # do it several times faster. They start only when there is enough of it to pay for them.
+    # Removing a tree in place is mostly waiting on the disk's journal: a few threads unlink
+    # faster (0.31-0.35 s against 0.48 s for 21k entries). They start only if a removal needs them.
     pool = LazyPool(max_workers=IO_THREADS, thread_name_prefix="snapfs-restore")
     remover = _Remover(Trash(state_dir), keep, pool)
     try:
         try:
-            staged = _stage(plan, store, sfd, progress, pool)
+            staged = _stage(plan, store, sfd, progress)
             # Staged bytes durable before any rename can expose them under a final name.
             make_durable([str(staging / str(i)) for i in staged], [str(staging)], sfd)
             _settle(staged.values())
@@ -271,10 +270,13 @@ class Staged(NamedTuple):
     linked: bool
 
 
-def _stage(
-    plan: list[Op], store: ObjectStore, sfd: int, progress: ProgressFn, pool: Pool
-) -> dict[int, Staged]:
-    """Write every file and symlink the plan lands into staging, named by plan index."""
+def _stage(plan: list[Op], store: ObjectStore, sfd: int, progress: ProgressFn) -> dict[int, Staged]:
+    """Write every file and symlink the plan lands into staging, named by plan index.
+
+    One thread: staging threads measured 2x slower for 150 files (30 ms against 14 ms) and
+    1.5x slower for 20k (3 s against 2 s), on ext4 and XFS alike. Each file is a few syscalls
+    between Python steps, so threads mostly trade the GIL.
+    """
     puts = [i for i, op in enumerate(plan) if op.action == "put"]
     total = len(puts) + sum(1 for op in plan if op.action == "link")
 
@@ -297,8 +299,7 @@ def _stage(
 
     staged: dict[int, Staged] = {}
     done = 0
-    results = pool.map(put, puts) if len(puts) >= PARALLEL_MIN else map(put, puts)
-    for i, got in zip(puts, results, strict=True):
+    for i, got in zip(puts, map(put, puts), strict=True):
         staged[i] = got
         done += 1
         if done % 256 == 0:
