@@ -728,7 +728,7 @@ class DownloadStep(Step):
         if not s["sha256"]:
             return True
         # The stat cache and the store's digest index answer without reading 4 GB again.
-        entry = p.state.load_cache().get(relpath)
+        entry = p.state.file_records().get(relpath)
         if (
             entry is not None
             and (entry.ino, entry.size, entry.mtime_ns, entry.ctime_ns)

@@ -6,7 +6,8 @@ one binary file, ``.snapfs/index``, loaded in a few C-level calls::
     b"SNIX2" | files u32 | dirs u32 | dirs_bytes u32 | rules 16 bytes | xxh3_64 of the rest u64
     dirs section (dirs_bytes long): dirs records (struct DIR_RECORD), then their paths, each
         followed by a NUL byte
-    files section: files records (struct RECORD), then their paths, each followed by a NUL byte
+    files section: files records (struct RECORD), then their paths, each followed by a NUL byte;
+        sorted by path (so an edit splices the section, see FileRecords)
 
 A directory record holds a directory's own stat, its permission bits, the oid of its tree as last
 built and a digest of its files' stats (see ``_scan``), under the ignore rules whose fingerprint
@@ -25,11 +26,12 @@ stored.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import gc
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from itertools import starmap
 from pathlib import Path
@@ -89,34 +91,148 @@ DirIndex = dict[bytes, DirRecord]
 
 
 class FileRecords:
-    """The file records of an index, decoded on first use."""
+    """The file records of an index: the files section as read, decoded only as far as asked.
 
-    __slots__ = ("_count", "_raw", "_data")
+    The section is fixed-size records followed by their paths, sorted by path. A lookup splits
+    the paths once and unpacks one record; past ``count / 2`` lookups (a scan reading most
+    directories) every record is decoded at once, which is cheaper from there. Edits
+    (``merged``) splice the raw section around the changed records, so a restore that changes
+    150 of 20k files neither decodes nor re-encodes the other 19,850 (about 25 ms).
 
-    def __init__(
-        self, count: int, raw: bytes | memoryview = b"", data: Index | None = None
-    ) -> None:
+    Immutable: ``merged`` returns a new one, and the mapping ``data()`` returns must not be
+    changed.
+    """
+
+    __slots__ = ("_count", "_raw", "_paths", "_pos", "_data", "_lookups")
+
+    def __init__(self, count: int, raw: bytes | memoryview = b"") -> None:
         self._count = count
         self._raw = raw  # the files section, checksummed with the rest of the index
-        self._data = data
+        self._paths: list[bytes] | None = None
+        self._pos: dict[bytes, int] | None = None
+        self._data: Index | None = None
+        self._lookups = 0
+
+    @classmethod
+    def of(cls, files: Index) -> FileRecords:
+        """Encode a whole mapping of path -> entry."""
+        paths = sorted(files)
+        records = b"".join(starmap(RECORD.pack, [files[p] for p in paths]))  # racy packs as 0/1
+        new = cls(len(paths), records + _join_paths(paths))
+        new._paths = paths
+        return new
 
     def __len__(self) -> int:
-        return self._count if self._data is None else len(self._data)
+        return len(self.paths()) if self._paths is not None else self._count
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.paths())
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._positions()
+
+    def __getitem__(self, path: bytes) -> CacheEntry:
+        got = self.get(path)
+        if got is None:
+            raise KeyError(path)
+        return got
+
+    def get(self, path: bytes, default: CacheEntry | None = None) -> CacheEntry | None:
+        if self._data is not None:
+            return self._data.get(path, default)
+        i = self._positions().get(path)
+        if i is None:
+            return default
+        self._lookups += 1
+        if self._lookups > self._count >> 1:
+            return self.data()[path]
+        return _entry(RECORD.unpack_from(self._raw, i * RECORD.size))
+
+    def view(self) -> Index | FileRecords:
+        """The cheapest mapping to look records up in: the decoded dict, once there is one."""
+        return self if self._data is None else self._data
+
+    def paths(self) -> list[bytes]:
+        """Every path, sorted. A damaged section reads as empty (only costs re-hashing)."""
+        if self._paths is None:
+            split = self._count * RECORD.size
+            paths = bytes(self._raw[split:]).split(b"\0")
+            if split > len(self._raw) or len(paths) != self._count + 1 or paths[-1] != b"":
+                paths, self._count, self._raw = [b""], 0, b""
+            del paths[-1]
+            self._paths = paths
+        return self._paths
+
+    def _positions(self) -> dict[bytes, int]:
+        if self._pos is None:
+            paths = self.paths()
+            with paused_gc():
+                self._pos = dict(zip(paths, range(len(paths)), strict=True))
+        return self._pos
 
     def data(self) -> Index:
+        """Every record, decoded: for callers that read most of them."""
         if self._data is None:
-            self._data = _decode_files(self._count, self._raw)
-            self._raw = b""
+            paths = self.paths()
+            records = memoryview(self._raw)[: len(paths) * RECORD.size]
+            with paused_gc():
+                self._data = dict(zip(paths, map(_entry, RECORD.iter_unpack(records)), strict=True))
         return self._data
 
+    def section(self) -> bytes | memoryview:
+        """The files section to write: records, then NUL-terminated paths."""
+        self.paths()  # (validates it)
+        return self._raw
 
-def _decode_files(count: int, raw: bytes | memoryview) -> Index:
-    split = count * RECORD.size
-    paths = bytes(raw[split:]).split(b"\0")
-    if split > len(raw) or len(paths) != count + 1 or paths[-1] != b"":
-        return {}  # damaged: start over (only costs re-hashing)
-    with paused_gc():
-        return dict(zip(paths[:count], map(_entry, RECORD.iter_unpack(raw[:split])), strict=True))
+    def merged(
+        self, updates: Iterable[tuple[bytes, CacheEntry]], deletes: Iterable[bytes] = ()
+    ) -> FileRecords:
+        """A copy with ``deletes`` dropped, then ``updates`` set (added or replaced)."""
+        paths, pos, size = self.paths(), self._positions(), RECORD.size
+        records = memoryview(self._raw)[: len(paths) * size]
+        edits: dict[int, bytes | None] = {}  # old position -> its new record, or None: dropped
+        for p in deletes:
+            i = pos.get(p)
+            if i is not None:
+                edits[i] = None
+        added: dict[bytes, bytes] = {}
+        for p, entry in updates:
+            i = pos.get(p)
+            if i is None:
+                added[p] = RECORD.pack(*entry)
+            else:
+                edits[i] = RECORD.pack(*entry)
+        if not edits and not added:
+            return self
+        # New paths go in front of the first old path that sorts after them.
+        inserts: dict[int, list[bytes]] = {}
+        for p in sorted(added):
+            inserts.setdefault(bisect.bisect_left(paths, p), []).append(p)
+        out_paths: list[bytes] = []
+        out_records: list[bytes | memoryview] = []
+        start = 0
+        for i in sorted(edits.keys() | inserts.keys()):
+            out_paths += paths[start:i]
+            out_records.append(records[start * size : i * size])
+            for p in inserts.get(i, ()):
+                out_paths.append(p)
+                out_records.append(added[p])
+            start = i
+            if i in edits:
+                start = i + 1
+                rec = edits[i]
+                if rec is not None:
+                    out_paths.append(paths[i])
+                    out_records.append(rec)
+        out_paths += paths[start:]
+        out_records.append(records[start * size :])
+        new = FileRecords(len(out_paths), b"".join([*out_records, _join_paths(out_paths)]))
+        new._paths = out_paths
+        return new
+
+
+def _join_paths(paths: list[bytes]) -> bytes:
+    return b"\0".join(paths) + b"\0" if paths else b""
 
 
 class Loaded(NamedTuple):
@@ -148,7 +264,7 @@ def paused_gc() -> Iterator[None]:
 
 
 def _empty() -> Loaded:
-    return Loaded(FileRecords(0, data={}), {}, b"")
+    return Loaded(FileRecords(0), {}, b"")
 
 
 def load_index(path: Path) -> Loaded:
@@ -178,25 +294,21 @@ def load_index(path: Path) -> Loaded:
     return Loaded(FileRecords(nfiles, body[dirs_bytes:]), dirs, rules)
 
 
-def save_index(path: Path, files: Index, dirs: DirIndex | None = None, rules: bytes = b"") -> None:
+def save_index(
+    path: Path, files: FileRecords, dirs: DirIndex | None = None, rules: bytes = b""
+) -> None:
     """Replace the index atomically. No fsync: losing it to a power cut only costs re-hashing."""
     dirs = dirs or {}
-    fpaths, dpaths = sorted(files), sorted(dirs)
+    dpaths = sorted(dirs)
     # starmap and join: no Python-level loop over the records (22k for a 20k-file project).
     dirs_section = b"".join(
         [*starmap(DIR_RECORD.pack, [dirs[p] for p in dpaths]), *(p + b"\0" for p in dpaths)]
     )
-    body = b"".join(
-        [
-            dirs_section,
-            *starmap(RECORD.pack, [files[p] for p in fpaths]),  # racy packs as 0/1
-            b"\0".join(fpaths) + b"\0" if fpaths else b"",
-        ]
-    )
+    body = b"".join([dirs_section, files.section()])
     rules = rules.ljust(16, b"\0")[:16]
     header = HEADER.pack(
         MAGIC,
-        len(fpaths),
+        len(files),
         len(dpaths),
         len(dirs_section),
         rules,

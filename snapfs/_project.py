@@ -735,7 +735,7 @@ class Project:
         gone: set[bytes] = set()
         if removed:  # a cached path is gone if it or any of its parents was removed
             under = tuple(r + b"/" for r in removed)
-            gone = {p for p in self.state.load_cache() if p in removed or p.startswith(under)}
+            gone = {p for p in self.state.file_records() if p in removed or p.startswith(under)}
         self.state.update_cache(puts, gone - {p for p, _ in puts})
         self.state.set_meta("head", str(intent.target))
         from ._restore import finish

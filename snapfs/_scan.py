@@ -311,7 +311,7 @@ def scan(
     known = 0  # listed files that have a cache entry
     listed: set[bytes] = set()
     vouched: set[bytes] = set()  # directories whose files a directory record vouched for
-    files_of = cache.data if isinstance(cache, FileRecords) else lambda: cache
+    files_of = cache.view if isinstance(cache, FileRecords) else lambda: cache
     ncached = len(cache)
     base_of: dict[bytes, Oid] = {b"": hint.base} if hint is not None else {}
     use_dirs = dirs is not None and hint is None
@@ -670,7 +670,7 @@ def _build_trees(
     result: ScanResult,
     start_ns: int,
     record: bool,
-    files_of: Callable[[], Index],
+    files_of: Callable[[], Index | FileRecords],
 ) -> Oid:
     tree_of: dict[bytes, Oid] = {}
     reused: set[bytes] = set()

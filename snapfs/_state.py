@@ -310,14 +310,9 @@ class ProjectState:
                             break  # dropped earlier, with every directory above it
         if not updates and not deletes and rules == old.rules and new_dirs == old.dirs:
             return
-        files = old.files.data()
-        if updates or deletes:
-            files = dict(files)
-            for p in deletes:
-                files.pop(p, None)
-            files.update(updates)
+        files = old.files.merged(updates, deletes)
         if self._deferred:  # written once, when the deferring block ends
-            self._index = Loaded(FileRecords(len(files), data=files), new_dirs, rules)
+            self._index = Loaded(files, new_dirs, rules)
             self._index_unsaved = True
             return
         self._save_index(files, new_dirs, rules)
@@ -339,9 +334,9 @@ class ProjectState:
             if self._index_unsaved and self._index is not None:
                 self._index_unsaved = False
                 loaded = self._index
-                self._save_index(loaded.files.data(), loaded.dirs, loaded.rules)
+                self._save_index(loaded.files, loaded.dirs, loaded.rules)
 
-    def _save_index(self, files: Index, new_dirs: DirIndex, rules: bytes) -> None:
+    def _save_index(self, files: FileRecords, new_dirs: DirIndex, rules: bytes) -> None:
         try:
             save_index(self.index_path, files, new_dirs, rules)
         except OSError:
@@ -351,7 +346,7 @@ class ProjectState:
             self._index = None
             return
         st = os.stat(self.index_path)
-        self._index = Loaded(FileRecords(len(files), data=files), new_dirs, rules)
+        self._index = Loaded(files, new_dirs, rules)
         self._index_sig = (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def snapshots(self) -> list[SnapshotRow]:
@@ -491,9 +486,7 @@ class ProjectState:
         # Another process may have replaced it; a stale copy could name objects gc removed.
         if self._index is None or sig != self._index_sig:
             self._index = (
-                load_index(self.index_path)
-                if sig is not None
-                else Loaded(FileRecords(0, data={}), {}, b"")
+                load_index(self.index_path) if sig is not None else Loaded(FileRecords(0), {}, b"")
             )
             self._index_sig = sig
         return self._index

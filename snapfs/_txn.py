@@ -274,7 +274,7 @@ class Transaction:
 
     def _modified(self, relpath: bytes) -> None:
         """Called by the journal for each file written in place: a sealed object is damaged."""
-        entry = self.project.state.load_cache().get(relpath)
+        entry = self.project.state.file_records().get(relpath)
         if entry is not None and self.project.store.seal_of(entry.oid) is not None:
             self.warnings.append(
                 f"{os.fsdecode(relpath)} was written in place; it is stored as a hardlink, so the"
