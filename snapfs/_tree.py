@@ -16,6 +16,7 @@ XXH3-128 of the encoded bytes, so a change to one file rewrites only the trees o
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from typing import NamedTuple
 
@@ -71,38 +72,41 @@ def tree_oid(data: bytes) -> Oid:
     return hash_bytes(data)
 
 
+_new_entry = functools.partial(tuple.__new__, Entry)  # C-level: no Python frame per entry
+_BAD_NAMES = frozenset((b"", b".", b".."))
+
+
 def decode(data: bytes) -> list[Entry]:
     """Parse an encoded tree. Raises StateCorrupt on anything malformed."""
     if data[:4] != MAGIC:
         raise StateCorrupt("A tree object is damaged (bad header).")
     out: list[Entry] = []
+    append, unpack, head, kinds, link = out.append, _HEAD.unpack_from, _HEAD.size, _KINDS, Kind.LINK
     pos = 4
     end = len(data)
     try:
         while pos < end:
-            kind, mode, size, nlen = _HEAD.unpack_from(data, pos)
-            pos += _HEAD.size
+            kind, mode, size, nlen = unpack(data, pos)
+            pos += head
             name = data[pos : pos + nlen]
             pos += nlen
-            k = _KINDS.get(kind)
-            if k is None:
-                raise ValueError("bad kind")
-            if k is Kind.LINK:
+            k = kinds[kind]
+            if name in _BAD_NAMES or b"/" in name:
+                raise ValueError("bad name")
+            if k is link:
                 (tlen,) = _LINKLEN.unpack_from(data, pos)
                 pos += _LINKLEN.size
                 target = data[pos : pos + tlen]
                 pos += tlen
                 if len(target) != tlen:
                     raise ValueError("short link target")
-                out.append(Entry(name, k, mode, size, b"", target))
+                append(_new_entry((name, k, mode, size, b"", target)))
             else:
                 oid = data[pos : pos + OID_LEN]
                 pos += OID_LEN
                 if len(oid) != OID_LEN:
                     raise ValueError("short oid")
-                out.append(Entry(name, k, mode, size, oid))
-            if not name or b"/" in name or name in (b".", b".."):
-                raise ValueError("bad name")
-    except (struct.error, ValueError) as exc:
+                append(_new_entry((name, k, mode, size, oid, b"")))
+    except (struct.error, ValueError, KeyError) as exc:
         raise StateCorrupt("A tree object is damaged (truncated or malformed).") from exc
     return out
