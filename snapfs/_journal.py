@@ -559,7 +559,17 @@ class Journal:
         else:
             self._db = None
             self._db_path = Path(db)
-        connect(self._db_path, JOURNAL_SCHEMA).close()
+        if (
+            self._db is None
+            or not self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'journal'"
+            ).fetchone()
+        ):
+            connect(self._db_path, JOURNAL_SCHEMA).close()
+        # Queries of a journal opened by path share one connection: opening one per query cost
+        # a multi-step import ~2 ms a step.
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
 
         self._queue: queue.SimpleQueue[_Row | None] = queue.SimpleQueue()
         self._losses = _Losses(self._queue.put)
@@ -647,6 +657,10 @@ class Journal:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        with self._reader_lock:
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
         with self._cond:
             self._cond.notify_all()
         try:
@@ -923,11 +937,10 @@ class Journal:
     def _query(self, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
         if self._db is not None:
             return list(self._db.execute(sql, params).fetchall())
-        conn = connect(self._db_path, JOURNAL_SCHEMA)
-        try:
-            return list(conn.execute(sql, params).fetchall())
-        finally:
-            conn.close()
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = connect(self._db_path, JOURNAL_SCHEMA)
+            return list(self._reader.execute(sql, params).fetchall())
 
     def _run_of(self, seq: int) -> tuple[str, str] | None:
         rows = self._query("SELECT run, kind FROM journal WHERE seq = ?", (seq,))

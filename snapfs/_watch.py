@@ -95,7 +95,8 @@ def touched_between(project: Project, since: Mark, until: Mark) -> Touched | Non
 
     if since.run != until.run:
         return None
-    return Journal(project.root, project.state.path).touched(since.seq, until.seq)
+    # Through the project's own connection: a journal opened by path would open another.
+    return Journal(project.root, project.state.db).touched(since.seq, until.seq)
 
 
 def last_mark(project: Project) -> tuple[Mark, int] | None:
@@ -140,7 +141,7 @@ class WatchView:
     def touched(self, since: int, until: int) -> Touched:
         from ._journal import Journal
 
-        return Journal(self.project.root, self.project.state.path).touched(since, until)
+        return Journal(self.project.root, self.project.state.db).touched(since, until)
 
     def stop(self) -> None:
         pass
