@@ -470,7 +470,8 @@ class _Runner:
                 if self._already_done(step, srec, ctx, len(steps)):
                     skipped += 1
                     continue
-                self._run_step(step, ctx, len(steps), rec.label or rec.kind)
+                then = steps[idx + 1] if idx + 1 < len(steps) else None
+                self._run_step(step, ctx, len(steps), rec.label or rec.kind, then)
                 ran += 1
         except KeyboardInterrupt:
             _set_op(p, op, status="failed", error=json.dumps({"code": "interrupted"}))
@@ -544,7 +545,10 @@ class _Runner:
             )
         return False
 
-    def _run_step(self, step: Step, ctx: StepContext, total: int, label: str) -> None:
+    def _run_step(
+        self, step: Step, ctx: StepContext, total: int, label: str, then: Step | None
+    ) -> None:
+        """Run one step in a transaction; ``then`` is the step after it, if any."""
         p, op, idx = self.project, self.op, ctx.index
         fixes: set[str] = set()
         attempt = 0
@@ -554,7 +558,17 @@ class _Runner:
             started = time.time()
             _set_step(p, op, idx, status="running", started=started, attempts=attempt)
             self.report(OpEvent(op, "step", f"Step {idx + 1}/{total}: {step.name}", idx, total))
-            tx = Transaction(p, f"{label}: {step.name}")
+            # Chained: a step's post snapshot is the next one's restore point (one snapshot per
+            # step, and a change set that is the diff of two trees, not another walk). The last
+            # step's result is the operation's post checkpoint, taken at the end.
+            tx = Transaction(
+                p,
+                f"{label}: {step.name}",
+                post_snapshot=then is not None,
+                reuse_head=True,
+                post_kind="pre-op",
+                post_label=f"before {label}: {then.name}" if then is not None else "",
+            )
             tx.begin()
             crash_point("op.step_began")
             if attempt == 1 and tx.checkpoint is not None:

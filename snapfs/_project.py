@@ -460,14 +460,27 @@ class Project:
         return self._snapshot(label, kind=kind, progress=progress)
 
     def _snapshot(
-        self, label: str, *, kind: str, progress: ProgressFn, mark: Mark | None = None
+        self,
+        label: str,
+        *,
+        kind: str,
+        progress: ProgressFn,
+        mark: Mark | None = None,
+        reuse_head: bool = False,
     ) -> SnapshotInfo:
-        """``snapshot``, as of ``mark`` of snapfs watch's journal if one was just taken."""
+        """``snapshot``, as of ``mark`` of snapfs watch's journal if one was just taken. With
+        ``reuse_head``, HEAD is returned instead of a new snapshot of the same tree."""
         if kind not in KINDS:
             raise UsageError(f"Unknown snapshot kind {kind!r} (one of {', '.join(KINDS)}).")
         with self._write_lock(f"snapshot {label}".strip()):
             self._recover_locked()
-            sid, _root = self._snapshot_locked(label, kind, progress, mark=mark)
+            head = self.state.head if reuse_head else None
+            head_row = self.state.snapshot(head) if head is not None else None
+            sid, _root = self._snapshot_locked(
+                label, kind, progress, mark=mark, skip_if_root=head_row.root if head_row else None
+            )
+            if sid is None:
+                sid = head
             assert sid is not None
             row = self.state.snapshot(sid)
             assert row is not None

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, NamedTuple, ParamSpec, TypeVar
 
 from ._crash import crash_point
-from ._diff import ChangeSet
+from ._diff import ChangeSet, change_set
 from ._errors import UsageError
 from ._project import Project, SnapshotInfo
 from ._project import open as open_project
@@ -140,10 +140,20 @@ class Transaction:
         post_snapshot: bool = False,
         preserve: Sequence[str] = (),
         progress: ProgressFn = no_progress,
+        reuse_head: bool = False,
+        post_kind: str = "post",
+        post_label: str = "",
     ) -> None:
+        """``reuse_head``: when the tree still equals HEAD, take HEAD as the checkpoint instead
+        of recording the same tree again. An operation's steps use it with ``post_snapshot``
+        (of kind ``post_kind``, labelled ``post_label``), so that each step's post snapshot is
+        the next step's restore point."""
         self.project = project
         self.label = label
         self.post_snapshot = post_snapshot
+        self.reuse_head = reuse_head
+        self.post_kind = post_kind
+        self.post_label = post_label
         self.preserve = tuple(project.config.preserve) + tuple(preserve)
         self.progress = progress
         self.id: int | None = None
@@ -186,7 +196,11 @@ class Transaction:
             # operation's, and is what its changes and rollback look at.
             first = self._journal.first if isinstance(self._journal, WatchView) else None
             self.checkpoint = p._snapshot(
-                f"before {what}", kind="pre-op", progress=self.progress, mark=first
+                f"before {what}",
+                kind="pre-op",
+                progress=self.progress,
+                mark=first,
+                reuse_head=self.reuse_head,
             )
         except BaseException:
             self._stop_journal()
@@ -323,10 +337,17 @@ class Transaction:
             raise UsageError(f"This transaction is already {self.status}.")
         assert self.id is not None
         try:
-            done = self.changes
             if self.post_snapshot:
                 what = self.label or "an operation"
-                self.post = self.project.snapshot(f"after {what}", kind="post")
+                label = self.post_label or f"after {what}"
+                self.post = self.project.snapshot(label, kind=self.post_kind)
+                # Both trees are stored: their diff is the change set, without another walk.
+                assert self.checkpoint is not None
+                p = self.project
+                old, new = bytes.fromhex(self.checkpoint.root), bytes.fromhex(self.post.root)
+                done = change_set(p._load(), old, new)
+            else:
+                done = self.changes
         finally:
             self._pop("committed")
         crash_point("txn.before_commit_record")

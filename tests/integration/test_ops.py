@@ -323,9 +323,11 @@ def test_a_failed_step_is_rolled_back_exactly_to_its_restore_point(
     rec = load_operation(project, op)
     assert [(s.status, s.attempts) for s in rec.steps] == [("done", 1), ("rolled-back", 1)]
     assert rec.steps[1].checkpoint is not None
-    # And that restore point is a snapshot of that very tree.
+    # And that restore point is a snapshot of that very tree, taken as the step before it
+    # ended (each step's post snapshot is the next one's restore point).
     cp = project.resolve(rec.steps[1].checkpoint)
-    assert cp.kind == "pre-op"
+    (first_txn,) = [t for t in project.state.txns() if t.status == "committed"]
+    assert cp.kind == "pre-op" and cp.id == first_txn.post
     assert not project.diff(cp.id), project.diff(cp.id)
     assert breaks.runs == 1  # not retryable: tried once
 
@@ -755,7 +757,10 @@ def test_restore_points_survive_gc_and_auto_prune_while_the_operation_is_unfinis
             run_operation(p, op, sleep=FakeSleep())
         rec = load_operation(p, op)
         kept = {rec.checkpoint, *(s.checkpoint for s in rec.steps)}
-        assert None not in kept and len(kept) == 3
+        # The first step starts on the operation's restore point (the same tree, not recorded
+        # twice); the second on the first one's post snapshot.
+        assert rec.steps[0].checkpoint == rec.checkpoint
+        assert None not in kept and len(kept) == 2
         # Many automatic checkpoints later, with a retention of one (the op's restore point is
         # an automatic one too: kind pre-import)...
         for i in range(4):
