@@ -500,7 +500,7 @@ def scan(
             if st.st_size < inline_max:
                 # Small files are cheaper to handle right here than to hand to a thread.
                 try:
-                    data = read_all(ffd)
+                    data = read_all(ffd, st.st_size)
                     after = os.fstat(ffd)
                 finally:
                     os.close(ffd)

@@ -183,9 +183,11 @@ def test_rollback_reads_only_what_could_be_a_move(
         for mod, name in ((scan_mod, "read_all"), (scan_mod, "hash_fd"), (project_mod, "hash_fd")):
             real = getattr(mod, name)
 
-            def counting(fd: int, _real=real, _name=f"{mod.__name__}.{name}") -> object:
+            def counting(
+                fd: int, *more: object, _real=real, _name=f"{mod.__name__}.{name}"
+            ) -> object:
                 reads.append(_name)
-                return _real(fd)
+                return _real(fd, *more)
 
             monkeypatch.setattr(mod, name, counting)
         with snapfs.transaction(project, label="install") as tx:
