@@ -35,11 +35,9 @@ def read_all(fd: int, expect: int = -1) -> bytes:
     chunks: list[bytes] = []
     if expect >= 0:
         first = os.read(fd, expect + 1)
-        if len(first) == expect:
+        if len(first) == expect or not first:
             return first
         chunks.append(first)
-        if not first:
-            return b""
     while True:
         block = os.read(fd, READ_BLOCK)
         if not block:

@@ -113,15 +113,6 @@ class FileRecords:
         self._data: Index | None = None
         self._lookups = 0
 
-    @classmethod
-    def of(cls, files: Index) -> FileRecords:
-        """Encode a whole mapping of path -> entry."""
-        paths = sorted(files)
-        records = b"".join(starmap(RECORD.pack, [files[p] for p in paths]))  # racy packs as 0/1
-        new = cls(len(paths), records + _join_paths(paths))
-        new._paths = paths
-        return new
-
     def __len__(self) -> int:
         return len(self.paths()) if self._paths is not None else self._count
 

@@ -474,17 +474,21 @@ class Project:
             raise UsageError(f"Unknown snapshot kind {kind!r} (one of {', '.join(KINDS)}).")
         with self._write_lock(f"snapshot {label}".strip()):
             self._recover_locked()
-            head = self.state.head if reuse_head else None
-            head_row = self.state.snapshot(head) if head is not None else None
+            head = self._head_row() if reuse_head else None
             sid, _root = self._snapshot_locked(
-                label, kind, progress, mark=mark, skip_if_root=head_row.root if head_row else None
+                label, kind, progress, mark=mark, skip_if_root=head.root if head else None
             )
-            if sid is None:
-                sid = head
+            if sid is None and head is not None:
+                sid = head.id
             assert sid is not None
             row = self.state.snapshot(sid)
             assert row is not None
             return SnapshotInfo.of(row)
+
+    def _head_row(self) -> SnapshotRow | None:
+        """HEAD's snapshot: the one most recently taken or restored."""
+        head = self.state.head
+        return self.state.snapshot(head) if head is not None else None
 
     def _snapshot_locked(
         self,
@@ -602,17 +606,16 @@ class Project:
         with self._write_lock(f"restore {ref}"), self.state.deferred_index():
             self._recover_locked()
             target = self.resolve(ref)
-            head = self.state.head
-            head_row = self.state.snapshot(head) if head is not None else None
+            head = self._head_row()
             # The state being left is saved first, unless HEAD already records it exactly.
             pre, current = self._snapshot_locked(
                 f"before restoring {target.id}",
                 "pre-restore",
                 progress,
                 set_head=False,
-                skip_if_root=head_row.root if head_row else None,
+                skip_if_root=head.root if head else None,
             )
-            undo = pre if pre is not None else head
+            undo = pre if pre is not None else (head.id if head else None)
             if current == target.root:
                 self.state.set_meta("head", str(target.id))
                 return RestoreResult(target.id, undo, [], 0)

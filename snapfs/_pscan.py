@@ -94,9 +94,7 @@ def plan(dirs: DirIndex, procs: int) -> list[list[bytes]]:
         kids = children.get(rel)
         if kids and (size[rel] > limit or rel not in dirs):
             todo.extend(kids)  # the walker lists this one; its subdirectories are shared out
-        elif rel not in dirs:
-            continue  # pragma: no cover - an unrecorded folder is only ever an ancestor
-        else:
+        else:  # (an unrecorded folder is only ever an ancestor, so it always has kids)
             roots.append(rel)
     # Largest first, each to the least loaded; the walker (bin 0) also lists every directory
     # above the roots, so it takes its share last.

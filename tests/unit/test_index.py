@@ -18,7 +18,7 @@ def _entry(n: int, racy: bool = False) -> CacheEntry:
 def _loaded(files: dict[bytes, CacheEntry], tmp_path: Path) -> FileRecords:
     """As a command finds it: read back from an index file, nothing decoded yet."""
     path = tmp_path / "index"
-    save_index(path, FileRecords.of(files))
+    save_index(path, FileRecords(0).merged(files.items()))
     return load_index(path).files
 
 
