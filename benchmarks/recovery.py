@@ -951,6 +951,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the raw results as JSON here")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.link < 0 or 0 < args.link * MiB < 1:
+        ap.error(f"--link: {args.link:g} is not a rate (MiB/s above 0, or 0 for unpaced)")
+    if args.size is not None and args.size < 1:
+        ap.error(f"--size: {args.size} is not a size in MiB (1 or more)")
 
     def log(s: str) -> None:
         if not args.quiet:
