@@ -9,7 +9,7 @@ from typing import Any
 
 from ._errors import StateCorrupt
 from ._hashing import Oid, unread_oid
-from ._tree import Entry, Kind, decode
+from ._tree import Entry, Kind, decode, decode_record, records
 
 TreeLoader = Callable[[Oid], bytes | None]
 
@@ -59,6 +59,27 @@ def load_entries(load: TreeLoader, oid: Oid) -> dict[bytes, Entry]:
     return entries
 
 
+# The same trees as raw records by name, for diffs (see ``records``); bounded like _DECODED.
+_RECORDS: dict[Oid, dict[bytes, bytes]] = {}
+
+
+def load_records(load: TreeLoader, oid: Oid) -> dict[bytes, bytes]:
+    got = _RECORDS.get(oid)
+    if got is not None:
+        return got
+    data = load(oid)
+    if data is None:
+        raise StateCorrupt(
+            f"Tree {oid.hex()} is missing from the snapfs state.",
+            hint="Run 'snapfs verify' to see which snapshots are affected.",
+        )
+    got = records(data)
+    if len(_RECORDS) >= _DECODED_MAX:
+        _RECORDS.clear()
+    _RECORDS[oid] = got
+    return got
+
+
 def walk_diff(
     load: TreeLoader, old: Oid | None, new: Oid | None, base: bytes = b""
 ) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
@@ -73,11 +94,15 @@ def walk_diff(
         rel, a_oid, b_oid = stack.pop()
         if a_oid == b_oid:
             continue
-        a = load_entries(load, a_oid) if a_oid is not None else {}
-        b = load_entries(load, b_oid) if b_oid is not None else {}
+        a = load_records(load, a_oid) if a_oid is not None else {}
+        b = load_records(load, b_oid) if b_oid is not None else {}
         subdirs = []
-        for name in sorted(a.keys() | b.keys()):
-            ea, eb = a.get(name), b.get(name)
+        # Byte-identical records are the same entry: only the names whose records differ
+        # (found by a set operation, without a Python step per entry) are decoded.
+        for name in sorted({name for name, _ in a.items() ^ b.items()}):
+            ra, rb = a.get(name), b.get(name)
+            ea = None if ra is None else decode_record(ra)
+            eb = None if rb is None else decode_record(rb)
             path = rel + b"/" + name if rel else name
             if ea is not None and eb is not None and ea.kind == eb.kind == Kind.DIR:
                 if ea.mode != eb.mode:

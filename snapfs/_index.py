@@ -154,6 +154,19 @@ class FileRecords:
             self._paths = paths
         return self._paths
 
+    def under(self, relpaths: Iterable[bytes]) -> set[bytes]:
+        """The recorded paths equal to or below any of ``relpaths``. The paths are sorted
+        bytewise, so those below ``d`` lie together, between ``d/`` and ``d0`` ('0' follows
+        '/'): two binary searches each, instead of a look at every record."""
+        paths, found = self.paths(), set()
+        for d in relpaths:
+            i = bisect.bisect_left(paths, d)
+            if i < len(paths) and paths[i] == d:
+                found.add(d)
+            lo, hi = bisect.bisect_left(paths, d + b"/", i), bisect.bisect_left(paths, d + b"0", i)
+            found.update(paths[lo:hi])
+        return found
+
     def _positions(self) -> dict[bytes, int]:
         if self._pos is None:
             paths = self.paths()

@@ -747,11 +747,8 @@ class Project:
     def _finish_restore(
         self, intent: Intent, puts: list[tuple[bytes, Any]], removed: Iterable[bytes]
     ) -> None:
-        removed = set(removed)
-        gone: set[bytes] = set()
-        if removed:  # a cached path is gone if it or any of its parents was removed
-            under = tuple(r + b"/" for r in removed)
-            gone = {p for p in self.state.file_records() if p in removed or p.startswith(under)}
+        # A cached path is gone if it or any of its parents was removed.
+        gone = self.state.file_records().under(removed) if removed else set()
         self.state.update_cache(puts, gone - {p for p, _ in puts})
         self.state.set_meta("head", str(intent.target))
         from ._restore import finish

@@ -76,6 +76,42 @@ _new_entry = functools.partial(tuple.__new__, Entry)  # C-level: no Python frame
 _BAD_NAMES = frozenset((b"", b".", b".."))
 
 
+def records(data: bytes) -> dict[bytes, bytes]:
+    """Each name of an encoded tree with the raw bytes of its entry, undecoded.
+
+    Two trees can be compared record by record, decoding only the entries that differ: a
+    diff of two large, similar directories costs about half as much as decoding both.
+    Raises StateCorrupt on a malformed layout; names are checked when a record is decoded.
+    """
+    if data[:4] != MAGIC:
+        raise StateCorrupt("A tree object is damaged (bad header).")
+    out: dict[bytes, bytes] = {}
+    unpack, head, link_len, end = _HEAD.unpack_from, _HEAD.size, _LINKLEN.unpack_from, len(data)
+    pos = 4
+    try:
+        while pos < end:
+            kind, _mode, _size, nlen = unpack(data, pos)
+            name_end = pos + head + nlen
+            if kind == Kind.LINK:
+                (tlen,) = link_len(data, name_end)
+                nxt = name_end + _LINKLEN.size + tlen
+            else:
+                nxt = name_end + OID_LEN
+            if nxt > end:
+                raise ValueError("short entry")
+            out[data[pos + head : name_end]] = data[pos:nxt]
+            pos = nxt
+    except (struct.error, ValueError) as exc:
+        raise StateCorrupt("A tree object is damaged (truncated or malformed).") from exc
+    return out
+
+
+def decode_record(record: bytes) -> Entry:
+    """The entry of one raw record from :func:`records`, checked as :func:`decode` checks it."""
+    (entry,) = decode(MAGIC + record)
+    return entry
+
+
 def decode(data: bytes) -> list[Entry]:
     """Parse an encoded tree. Raises StateCorrupt on anything malformed."""
     if data[:4] != MAGIC:

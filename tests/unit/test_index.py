@@ -82,3 +82,26 @@ def test_a_damaged_section_reads_as_empty(tmp_path: Path) -> None:
 def test_a_merge_without_changes_is_the_same_records(tmp_path: Path) -> None:
     records = _loaded({b"a": _entry(1)}, tmp_path)
     assert records.merged([], [b"not-there"]) is records
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    files=st.dictionaries(st.binary(min_size=1, max_size=8).filter(lambda b: b"\0" not in b), entries, max_size=40),
+    asked=st.lists(st.binary(min_size=1, max_size=4).filter(lambda b: b"\0" not in b), max_size=6),
+    data=st.data(),
+)
+def test_under_finds_each_path_and_everything_below_it(files, asked, data, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    if files:  # ask for some recorded paths and their parents too
+        asked += data.draw(st.lists(st.sampled_from(sorted(files)), max_size=4))
+        asked += [p.rpartition(b"/")[0] for p in asked if b"/" in p]
+    records = _loaded(files, tmp_path_factory.mktemp("under"))
+    want = {p for p in files if any(p == d or p.startswith(d + b"/") for d in asked)}
+    assert records.under(asked) == want
+
+
+def test_under_does_not_take_a_sibling_that_shares_a_prefix(tmp_path: Path) -> None:
+    names = [b"venv", b"venv-old", b"venv.bak/x", b"venv/a", b"venv/a/b", b"venv0", b"venw/x"]
+    records = _loaded({p: _entry(i) for i, p in enumerate(names)}, tmp_path)
+    assert records.under([b"venv"]) == {b"venv", b"venv/a", b"venv/a/b"}
+    assert records.under([b"venv/a"]) == {b"venv/a", b"venv/a/b"}
+    assert records.under([b"nothing"]) == set()

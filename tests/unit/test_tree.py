@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from snapfs import StateCorrupt
-from snapfs._tree import MAGIC, Entry, Kind, decode, encode, tree_oid
+from snapfs._tree import MAGIC, Entry, Kind, decode, decode_record, encode, records, tree_oid
 
 OID_A = bytes(range(16))
 OID_B = bytes(range(16, 32))
@@ -195,3 +195,42 @@ def test_arbitrary_bytes_never_raise_anything_but_state_corrupt(tail: bytes) -> 
         assert e.name not in (b"", b".", b"..") and b"/" not in e.name
         assert e.kind in (Kind.FILE, Kind.DIR, Kind.LINK)
         assert len(e.oid) == (0 if e.kind == Kind.LINK else 16)
+
+
+@settings(max_examples=200, deadline=None)
+@given(entry_lists())
+def test_records_decode_to_the_same_entries(entries: list[Entry]) -> None:
+    raw = records(encode(entries))
+    assert list(raw) == sorted(e.name for e in entries)
+    assert {name: decode_record(r) for name, r in raw.items()} == {e.name: e for e in entries}
+    # A record is exactly that entry's bytes: re-encoding the entry alone gives it back.
+    for e in entries:
+        assert MAGIC + raw[e.name] == encode([e])
+
+
+def test_every_truncation_inside_an_entry_is_state_corrupt_for_records_too() -> None:
+    entries = _sample()
+    data = encode(entries)
+    bounds = _boundaries(entries)
+    for cut in range(len(data)):
+        if cut in bounds:
+            assert len(records(data[:cut])) < len(entries)
+            continue
+        with pytest.raises(StateCorrupt):
+            records(data[:cut])
+    with pytest.raises(StateCorrupt):
+        records(b"SNT0" + data[4:])
+
+
+@pytest.mark.parametrize("name", [b"", b".", b"..", b"a/b", b"/"])
+def test_a_record_whose_name_could_leave_the_directory_is_refused(name: bytes) -> None:
+    (record,) = records(encode([Entry(name, Kind.FILE, 0o644, 1, OID_A)])).values()
+    with pytest.raises(StateCorrupt):
+        decode_record(record)
+
+
+def test_a_record_of_an_unknown_kind_is_refused() -> None:
+    record = struct.pack(">BHQH", 9, 0o644, 1, 1) + b"a" + OID_A
+    assert records(MAGIC + record) == {b"a": record}
+    with pytest.raises(StateCorrupt):
+        decode_record(record)
