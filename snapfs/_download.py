@@ -76,6 +76,8 @@ FAST_AFTER = 4 << 20  # bytes into a response before it may switch to whole-bloc
 FAST_RATE = 16e6  # bytes/s that count as fast
 FAST_READ_SECONDS = 0.25  # a whole-block read slower than this switches back to read1
 STANDIN_GRACE = 2.0  # seconds: wait this long for the best source before using another
+HASH_WINDOW_CHUNKS = 8  # blocks up to this many chunks ahead of the hasher wait in memory...
+HASH_WINDOW_MAX = 64 << 20  # ...but never more bytes than this
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS extents (
@@ -373,7 +375,13 @@ class _Plan:
     """Shared by the workers and the hasher; every method takes ``cond``."""
 
     def __init__(self, chunk: int) -> None:
-        self.cond = threading.Condition()
+        lock = threading.Lock()
+        self.cond = threading.Condition(lock)
+        # The same lock, other sleepers: the hasher waits on ``fed`` (a block or an extent to
+        # digest), and a worker too far ahead of a busy hasher waits on ``room``. Separate, so
+        # that handing the hasher a block every MiB wakes only the hasher.
+        self.fed = threading.Condition(lock)
+        self.room = threading.Condition(lock)
         self.chunk = chunk
         self.size: int | None = None
         self.extents: dict[int, _Extent] = {}
@@ -384,8 +392,27 @@ class _Plan:
         self.generation = 0
         self.verified = 0  # the hasher's position: bytes [0, verified) are checked
         self.hashed = False  # the hasher read the whole file: the digests are final
+        # Blocks received by this process, by offset, for the hasher to digest from memory:
+        # (bytes, the pool buffer holding them or None). See _Download._read_into.
+        self.blocks: dict[int, tuple[bytes | memoryview, bytearray | None]] = {}
+        self.pool: list[bytearray] = []  # free READ-sized buffers for those blocks
+        self.hash_at = 0  # bytes [0, hash_at) are in the digests (>= verified)
+        self.hash_idle = False  # the hasher is waiting: nothing at hash_at to digest yet
         self.error: BaseException | None = None
         self.stopped = False
+
+    def notify_all(self) -> None:
+        """Wake every sleeper: workers, the watcher, the hasher and paused workers."""
+        self.cond.notify_all()
+        self.fed.notify_all()
+        self.room.notify_all()
+
+    def drop_blocks(self, below: int | None = None) -> None:
+        """Forget in-memory blocks (all, or those starting below an offset)."""
+        for at in [a for a in self.blocks if below is None or a < below]:
+            _data, owner = self.blocks.pop(at)
+            if owner is not None:
+                self.pool.append(owner)
 
     def set_size(self, size: int, extents: Sequence[_Extent] = ()) -> None:
         """(Re)build the to-do list for a file of ``size`` bytes, keeping ``extents``."""
@@ -397,7 +424,7 @@ class _Plan:
             self._add_gap(pos, e.start)
             pos = e.end
         self._add_gap(pos, size)
-        self.cond.notify_all()
+        self.notify_all()
 
     def _add_gap(self, start: int, end: int) -> None:
         if start < end:
@@ -448,7 +475,7 @@ class _Plan:
         else:
             i = len(self.todo)
         self.todo.insert(i, (start, end))
-        self.cond.notify_all()
+        self.notify_all()
 
 
 # ---- the download ---------------------------------------------------------------------------
@@ -482,6 +509,8 @@ class _Download:
         )
         self.budget: RetryBudget = RetryBudget(self.policy)
         self.plan = _Plan(config.download_chunk)
+        # How far ahead of the hasher a received block is still kept in memory for it.
+        self._window = min(HASH_WINDOW_CHUNKS * config.download_chunk, HASH_WINDOW_MAX)
         self.last_error = ""
         self.fetched = 0
         self.by_host: dict[str, int] = {}
@@ -659,13 +688,13 @@ class _Download:
             with self.plan.cond:
                 self.plan.stopped = True
                 self.plan.error = self.plan.error or exc
-                self.plan.cond.notify_all()
+                self.plan.notify_all()
             self._abort_all()
             raise
         finally:
             with self.plan.cond:
                 self.plan.stopped = True
-                self.plan.cond.notify_all()
+                self.plan.notify_all()
             for t in [*workers, hasher]:
                 t.join()
             for s in self._sessions:
@@ -709,7 +738,7 @@ class _Download:
             if self.plan.error is None:
                 self.plan.error = exc
             self.plan.stopped = True
-            self.plan.cond.notify_all()
+            self.plan.notify_all()
         self._abort_all()
 
     # -- workers
@@ -827,7 +856,7 @@ class _Download:
                             self.plan.probing = False
                         if gen == self.plan.generation and self.plan.size is not None:
                             self.plan.put_back(got, min(end, self.plan.size))
-                        self.plan.cond.notify_all()
+                        self.plan.notify_all()
         except BaseException as exc:
             self._fail(exc)
 
@@ -845,7 +874,7 @@ class _Download:
             with self.plan.cond:
                 src.dead = str(d)
                 src.dead_error = d.error
-                self.plan.cond.notify_all()
+                self.plan.notify_all()
             self.last_error = f"{src.host}: {d}"
         except _Retry as r:
             got = max(got, getattr(r, "got", start))
@@ -869,7 +898,7 @@ class _Download:
             n = self.budget.fail()
             src.not_before = time.monotonic() + self.policy.wait_for(n, retry_after)
             exhausted = self.budget.exhausted
-            self.plan.cond.notify_all()
+            self.plan.notify_all()
         if exhausted:
             self._fail(
                 DownloadFailed(
@@ -884,8 +913,9 @@ class _Download:
         """The file changed upstream: drop every extent and fetch the new version."""
         with self.plan.cond:
             self.plan.generation += 1
-            self.plan.verified = 0
+            self.plan.verified = self.plan.hash_at = 0
             self.plan.hashed = False
+            self.plan.drop_blocks()
             for s in self.sources:
                 s.validator = None
             src.validator = c.validator
@@ -897,7 +927,7 @@ class _Download:
                 self.plan.extents.clear()
                 self.plan.todo.clear()
             self._allocated = False
-            self.plan.cond.notify_all()
+            self.plan.notify_all()
         meta: dict[str, str | int | None] = {"size": c.size}
         meta.update({"validator:" + s.url: s.validator for s in self.sources})
         self.part.set_meta(**meta)
@@ -1033,7 +1063,7 @@ class _Download:
             finally:
                 with plan.cond:
                     plan.streaming = False
-                    plan.cond.notify_all()
+                    plan.notify_all()
         return self._read_into(src, resp.raw, gen, start, min(end, size))
 
     def _check_content(self, resp: requests.Response, total: int | None) -> None:
@@ -1067,15 +1097,33 @@ class _Download:
         read1 = getattr(raw, "read1", raw.read)
         block = memoryview(bytearray(READ)) if into is not None else None
         data: bytes | memoryview
+        plan = self.plan
+        ahead_max = self._window
         try:
             while end is None or pos < end:
                 want = min(READ, piece + chunk - pos)
                 if end is not None:
                     want = min(want, end - pos)
+                # A block near the hasher's position is handed to it, to digest from memory
+                # (SHA-256 is the slowest step, and reading the block back would cost another
+                # copy); one further ahead is only written, and read back when its turn comes.
+                # Far ahead of a hasher that is busy anyway, a connection waits for it instead
+                # of racing on: that bounds the blocks held, and leaves the CPU to the hasher.
+                # The wait is not the source's fault: its speed is judged without it.
+                if pos - plan.hash_at >= ahead_max and not plan.hash_idle:
+                    waited = self._wait_for_hasher(gen, pos)
+                    began += waited
+                    window_t += waited
+                feed = pos - plan.hash_at < ahead_max
+                owner: bytearray | None = None
                 t_read = time.monotonic()
                 try:
                     if fast and block is not None:
-                        data = block[: into.readinto(block[:want])]
+                        buf = block
+                        if feed:  # this block goes to the hasher: read it into a buffer of its own
+                            owner = self._buffer()
+                            buf = memoryview(owner)
+                        data = buf[: into.readinto(buf[:want])]
                     else:
                         data = raw.read(want) if fast else read1(want)
                 except Exception as exc:  # urllib3: ProtocolError, ReadTimeoutError, ...
@@ -1091,12 +1139,17 @@ class _Download:
                     if why is not None:
                         raise _Dead(f"sent {why} instead of the file", BadContent)
                 n = len(data)
-                self._count(src, n)
                 if self.plan.stopped or gen != self.plan.generation:
+                    self._count(src, n)
                     raise _Stop
-                with self._write_mutex:
-                    os.pwrite(fd, data, pos)
+                try:
+                    with self._write_mutex:
+                        _pwrite_all(fd, data, pos)
+                except OSError:
+                    self._count(src, n)
+                    raise
                 h.update(data)
+                self._landed(src, n, gen, pos, data if feed else None, owner)
                 pos += n
                 if pos - piece >= chunk:
                     self._keep(src, gen, piece, pos, h)
@@ -1185,6 +1238,54 @@ class _Download:
             src.received += n
             self.by_host[src.host] = self.by_host.get(src.host, 0) + n
 
+    def _buffer(self) -> bytearray:
+        """A READ-sized buffer for a block the hasher will digest from memory."""
+        try:
+            return self.plan.pool.pop()  # list.pop and append are atomic: no lock needed
+        except IndexError:
+            return bytearray(READ)  # at most about window / READ of them, reused after that
+
+    def _landed(
+        self,
+        src: _Source,
+        n: int,
+        gen: int,
+        pos: int,
+        data: bytes | memoryview | None,
+        owner: bytearray | None,
+    ) -> None:
+        """Count ``n`` bytes received, and hand the hasher ``data`` (just written at ``pos``)
+        to digest from memory, in one go: this runs for every block.
+
+        Always before the extent holding the block is recorded: the hasher reads an extent back
+        from disk only once it is recorded, so a block it finds neither in memory nor in a
+        recorded extent is still on its way.
+        """
+        plan = self.plan
+        with plan.cond:
+            self.fetched += n
+            src.received += n
+            self.by_host[src.host] = self.by_host.get(src.host, 0) + n
+            if data is None or gen != plan.generation or plan.stopped or pos < plan.hash_at:
+                return
+            plan.blocks[pos] = (data, owner)
+            if plan.hash_idle and pos == plan.hash_at:
+                plan.fed.notify()
+
+    def _wait_for_hasher(self, gen: int, pos: int) -> float:
+        """Wait while ``pos`` is a window or more ahead of a busy hasher; the seconds waited."""
+        plan = self.plan
+        t0 = time.monotonic()
+        with plan.cond:
+            while (
+                pos - plan.hash_at >= self._window
+                and not plan.hash_idle
+                and not plan.stopped
+                and gen == plan.generation
+            ):
+                plan.room.wait(0.5)
+        return time.monotonic() - t0
+
     def _keep(self, src: _Source, gen: int, start: int, pos: int, h: Any) -> None:
         if pos <= start:
             return
@@ -1198,57 +1299,119 @@ class _Download:
             src.streak = 0
             self.part.record(ext)
             crash_point("download.extent_recorded")
-            self.plan.cond.notify_all()
+            self.plan.notify_all()
+        # Spread the write-out over the download, so the fdatasync before the rename has
+        # little left to wait for. Not verified yet: if these bytes are wrong they will be
+        # written again, and only the fdatasync at the end is a promise.
+        start_writeback(self.part.fd, ext.start, ext.length)
 
-    # -- the hasher: re-read the verified prefix, check extents, digest the whole file
+    # -- the hasher: digest the file front to back, from memory or from disk
     def _hasher(self) -> None:
-        plan = self.plan
+        """Feed the whole-file SHA-256 and XXH3-128 in order, and verify every extent.
+
+        A block received by this process reaches the digests straight from its receive buffer
+        (see ``_read_into``): the bytes hashed are the bytes written, and the extent they form
+        is verified by that. Anything else is read back from disk as a whole recorded extent
+        and checked against its recorded digest: extents inherited from an earlier process (a
+        power cut may have lost bytes behind their record) or adopted from DEST, and blocks
+        that arrived too far ahead of the hasher to be kept in memory. An extent that fails
+        goes back to be fetched again.
+        """
         try:
-            while True:
-                with plan.cond:
-                    gen = plan.generation
-                sha, whole = _sha256(), xxhash.xxh3_128()
-                pos = 0
-                while True:
-                    with plan.cond:
-                        while (
-                            not plan.stopped
-                            and gen == plan.generation
-                            and (plan.size is None or (pos < plan.size and pos not in plan.extents))
-                        ):
-                            plan.cond.wait(1.0)
-                        if plan.stopped:
-                            return
-                        if gen != plan.generation:
-                            break
-                        assert plan.size is not None
-                        if pos >= plan.size:
-                            self.sha256, self.xxh128 = sha.hexdigest(), whole.hexdigest()
-                            plan.verified = pos
-                            plan.hashed = True
-                            plan.cond.notify_all()
-                            return
-                        ext = plan.extents[pos]
-                    if self._check_extent(ext, (sha, whole)):
-                        start_writeback(self.part.fd, ext.start, ext.length)
-                        pos = ext.end
-                        with plan.cond:
-                            plan.verified = pos
-                    else:
-                        with plan.cond:
-                            if plan.extents.get(ext.start) == ext and gen == plan.generation:
-                                del plan.extents[ext.start]
-                                self.part.forget(ext)
-                                plan.put_back(ext.start, ext.end)
-                        # Digests already fed part of the bad extent: start the pass over.
-                        break
+            while self._hash_pass():
+                pass
         except BaseException as exc:
             self._fail(exc)
 
-    def _check_extent(self, ext: _Extent, feed: tuple[Any, ...]) -> bool:
-        """Re-read an extent from disk; True if it still matches its recorded digest."""
+    def _hash_pass(self) -> bool:
+        """One pass over the file; True to start over (the digests took bytes that are bad)."""
+        plan = self.plan
+        with plan.cond:
+            gen = plan.generation
+            plan.hash_at = plan.verified = 0
+        sha, whole = _sha256(), xxhash.xxh3_128()
+        at = 0  # bytes [0, at) are in the digests
+        checked = 0  # the recorded extents in [0, checked) are in the digests
+        done: list[bytearray | None] = []  # the pool buffers of blocks digested
+        step = max(self._window // 4, 1)
+        woke_at = 0  # where paused workers were last woken: every step, not every block
+        while True:
+            blocks: list[bytes | memoryview] = []
+            ext = None
+            with plan.cond:
+                plan.pool.extend(b for b in done if b is not None)
+                done.clear()
+                plan.hash_at = at
+                if at - woke_at >= step:
+                    plan.room.notify_all()
+                    woke_at = at
+                while True:
+                    if plan.stopped:
+                        return False
+                    if gen != plan.generation:
+                        return True
+                    # Extents whose every byte went in from memory are verified by that.
+                    ext = plan.extents.get(checked)
+                    while ext is not None and ext.end <= at:
+                        checked = ext.end
+                        ext = plan.extents.get(checked)
+                    plan.verified = checked
+                    if plan.size is not None and checked >= plan.size:
+                        self.sha256, self.xxh128 = sha.hexdigest(), whole.hexdigest()
+                        plan.hashed = True
+                        plan.drop_blocks()
+                        plan.notify_all()
+                        return False
+                    # Every block already there that follows on, with one taking of the lock.
+                    nxt = at
+                    while (block := plan.blocks.pop(nxt, None)) is not None:
+                        blocks.append(block[0])
+                        done.append(block[1])
+                        nxt += len(block[0])
+                    if blocks or ext is not None:
+                        break
+                    plan.hash_idle = True
+                    plan.room.notify_all()  # nothing to digest: no worker need wait for us
+                    woke_at = at
+                    plan.fed.wait(1.0)
+                    plan.hash_idle = False
+            if blocks:
+                for data in blocks:
+                    sha.update(data)
+                    whole.update(data)
+                    at += len(data)
+                continue
+            # Recorded, and not (or not wholly) in memory: read it back. If part of it went in
+            # from memory already, the rest is fed, but the whole extent is checked.
+            assert ext is not None
+            fed_from_memory = at > ext.start
+            undo = None if fed_from_memory else (sha.copy(), whole.copy())
+            if self._check_extent(ext, (sha, whole), skip=at - ext.start):
+                start_writeback(self.part.fd, ext.start, ext.length)
+                at = checked = ext.end
+                with plan.cond:
+                    plan.drop_blocks(below=at)  # blocks inside it, now read back
+                continue
+            with plan.cond:
+                if plan.extents.get(ext.start) == ext and gen == plan.generation:
+                    del plan.extents[ext.start]
+                    self.part.forget(ext)
+                    plan.put_back(ext.start, ext.end)
+            if undo is None:
+                # Digests already took bytes from memory that the disk no longer holds: start
+                # the pass over, reading everything back.
+                with plan.cond:
+                    plan.drop_blocks()
+                return True
+            sha, whole = undo  # as before the bad extent, which is fetched again
+
+    def _check_extent(self, ext: _Extent, feed: tuple[Any, ...], skip: int = 0) -> bool:
+        """Re-read an extent from disk; True if it still matches its recorded digest.
+
+        Every byte is fed to ``feed`` but the first ``skip``."""
         h = xxhash.xxh3_128()
         pos, end = ext.start, ext.end
+        first = ext.start + skip
         buf = getattr(self._local, "check_buf", None)
         if buf is None:  # one buffer per thread, reused: a fresh 4 MiB per read costs more
             buf = self._local.check_buf = memoryview(bytearray(4 * READ))
@@ -1257,8 +1420,10 @@ class _Download:
             if not block:
                 return False
             h.update(block)
-            for f in feed:
-                f.update(block)
+            if pos + len(block) > first:
+                part = block[first - pos :] if pos < first else block
+                for f in feed:
+                    f.update(part)
             pos += len(block)
         return h.digest() == ext.xxh
 
@@ -1403,6 +1568,19 @@ class _Download:
 
 class _Stop(Exception):
     """The download is stopping (error elsewhere, Ctrl-C, restart): leave quietly."""
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
+    """Write all of ``data`` at ``pos``. A write may take fewer bytes than given (the disk
+    filling up): the rest is written again, and that write raises the error."""
+    n = os.pwrite(fd, data, pos)
+    if n < len(data):
+        view = memoryview(data)[n:]
+        while view:
+            k = os.pwrite(fd, view, pos + n)
+            if k == 0:  # no progress and no error: don't spin
+                raise OSError(errno.EIO, "the disk took no bytes")
+            view, n = view[k:], n + k
 
 
 def _body_file(raw: Any) -> Any:
