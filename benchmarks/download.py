@@ -35,11 +35,11 @@ if __package__ in (None, ""):  # `python benchmarks/download.py`: make the packa
 from benchmarks import genproject, report
 from benchmarks.run import FS_KINDS, filesystem, log
 from benchmarks.tools import Snapfs, _which_reason
-from tests.faultserver import Corrupt, FaultServer, ResetEvery, Stall, Status
+from tests.faultserver import Corrupt, FaultServer, ResetEvery, Stall, Status, Throttle
 
 PATH = "/model.safetensors"
 MAX_RUNS = 30  # curl/wget: invocations per download before giving up
-SCENARIOS = ("clean", "faults", "corrupt-only")
+SCENARIOS = ("clean", "link", "faults", "corrupt-only")
 TOOL_NAMES = ("snapfs", "curl", "curl+sync", "wget", "aria2c")
 MIB = 1 << 20
 
@@ -49,22 +49,26 @@ MIB = 1 << 20
 
 @dataclass(frozen=True)
 class Schedule:
-    """Where the faults of the "faults" scenario sit (file offsets, bytes, seconds)."""
+    """Where the faults of the "faults" scenario sit (file offsets, bytes, seconds), and the
+    "link" scenario's rate."""
 
     reset_every: int  # good server: reset every N body bytes served (all requests together)
     stall_at: int  # good server: one stall, in the first response to reach this file offset
     stall_seconds: float
     status_503_request: int  # good server: the Nth request to the file gets 503, Retry-After: 1
     corrupt: tuple[tuple[int, int], ...]  # bad mirror: every byte of these [start, end) flipped
+    link_rate: int = 125_000_000  # "link": bytes/s the good server sends, all connections together
 
     @classmethod
-    def for_size(cls, size: int, stall_seconds: float, reset_every: int | None) -> Schedule:
+    def for_size(
+        cls, size: int, stall_seconds: float, reset_every: int | None, link_rate: int
+    ) -> Schedule:
         # 60%, not 50%, for small files: a boundary on a power-of-two split point would fall
         # exactly where multi-connection tools end a segment, and they would never see it.
         every = reset_every or min(100_000_000, size * 6 // 10)
         # 1 MiB at 10%, 30%, ... 90%: any sizeable part taken from the bad mirror is bad.
         bad = tuple((size * k // 10, min(size, size * k // 10 + MIB)) for k in (1, 3, 5, 7, 9))
-        return cls(every, size * 55 // 100, stall_seconds, 2, bad)
+        return cls(every, size * 55 // 100, stall_seconds, 2, bad, link_rate)
 
 
 def arm(good: FaultServer, bad: FaultServer, scenario: str, sched: Schedule) -> None:
@@ -73,6 +77,8 @@ def arm(good: FaultServer, bad: FaultServer, scenario: str, sched: Schedule) -> 
         srv.clear_faults()
         srv.reset_stats()
     bad.inject(PATH, Corrupt(ranges=sched.corrupt))
+    if scenario == "link":  # one link for every connection, as a real one is
+        good.inject(PATH, Throttle(sched.link_rate, shared=True))
     if scenario == "faults":
         good.inject(
             PATH,
@@ -84,7 +90,7 @@ def arm(good: FaultServer, bad: FaultServer, scenario: str, sched: Schedule) -> 
 
 def sources(scenario: str, tool: str) -> tuple[str, ...]:
     """Which servers a tool is given: "good" (with the scenario's faults) and/or "bad"."""
-    if scenario == "clean":
+    if scenario in ("clean", "link"):
         return ("good",)
     if scenario == "corrupt-only":
         return ("bad",)
@@ -174,7 +180,7 @@ class DurableCurlTool(CurlTool):
     finished download is on disk before it is reported done (a reference, not a target)."""
 
     name = "curl+sync"
-    scenarios = ("clean",)
+    scenarios = ("clean", "link")
 
     def unavailable_reason(self) -> str | None:
         return _which_reason("curl") or _which_reason("sync")
@@ -406,6 +412,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of scenarios")
     ap.add_argument("--stall", type=float, default=5.0, help="seconds of the one stall")
     ap.add_argument(
+        "--link-rate",
+        type=parse_size,
+        default=125_000_000,
+        help="the link scenario's rate per second, all connections together "
+        "(default 125MB: gigabit)",
+    )
+    ap.add_argument(
         "--reset-every",
         type=parse_size,
         default=None,
@@ -434,6 +447,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--scenarios: choose from {SCENARIOS}")
     if args.size < 4 * MIB or args.repeat < 1:
         ap.error("--size must be at least 4MiB and --repeat at least 1")
+    if args.link_rate < MIB:
+        ap.error("--link-rate must be at least 1MiB (per second)")
     if args.timeout is None:
         args.timeout = 120 + args.size / 1e6
     return args
@@ -450,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"skipping {name}: {reason}")
         else:
             tools.append(ALL_TOOLS[name])
-    sched = Schedule.for_size(args.size, args.stall, args.reset_every)
+    sched = Schedule.for_size(args.size, args.stall, args.reset_every, args.link_rate)
     results: dict[str, Any] = {
         "argv": sys.argv,
         "started": time.time(),
@@ -530,7 +545,9 @@ def header(args: argparse.Namespace, sched: Schedule, results: dict[str, Any]) -
         f"faults scenario: a reset every {sched.reset_every / report.MB:.0f} MB served, "
         f"a {sched.stall_seconds:g} s stall at offset {sched.stall_at}, a 503 (Retry-After: 1) "
         f"on request #{sched.status_503_request}; the bad mirror flips "
-        f"{len(sched.corrupt)} x 1 MiB at 10%, 30%, ... 90% of the file. Times only of runs that exited 0; "
+        f"{len(sched.corrupt)} x 1 MiB at 10%, 30%, ... 90% of the file. link scenario: clean, "
+        f"the good server sending {sched.link_rate / report.MB:.0f} MB/s over all connections "
+        "together. Times only of runs that exited 0; "
         f"`time / curl` against curl in the same scenario.\n\n{versions}"
     )
 

@@ -323,10 +323,14 @@ class SignedRedirect:
 @dataclass(frozen=True)
 class Throttle:
     """Pace each response's body at ``bytes_per_second`` (per connection, in 20 slices a
-    second), for ``times`` responses."""
+    second), for ``times`` responses.
+
+    ``shared=True`` makes it a link: ``bytes_per_second`` is then what all the responses it
+    paces get together, so four connections share the rate one would get alone."""
 
     bytes_per_second: int
     times: int | None = None
+    shared: bool = False
 
     def __post_init__(self) -> None:
         _check_times(self.times)
@@ -449,6 +453,7 @@ class _Stream:
     events: tuple[_Event, ...] = ()  # sorted by position
     corrupt: tuple[_Armed, ...] = ()
     throttle: int | None = None
+    shared: bool = False  # the throttle is the server's link, shared with other responses
     reset_every: _Armed | None = None
 
 
@@ -527,6 +532,7 @@ class FaultServer:
         self._errors: list[str] = []
         self._sent_total = 0
         self._sent_by_path: dict[str, int] = {}
+        self._link_free = 0.0  # a shared Throttle: when the link is next free (monotonic)
         self._seq = itertools.count(1)
         self._serial = itertools.count(1)
         self._token = secrets.token_hex(4)  # ETags differ between servers, as real mirrors' do
@@ -757,6 +763,14 @@ class FaultServer:
         with self._lock:
             self._errors.append(text)
 
+    def _link_wait(self, rate: int, n: int) -> float:
+        """A shared Throttle: book the link for ``n`` bytes; the seconds until they may go."""
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._link_free)
+            self._link_free = start + n / rate
+        return start - now
+
     def _reserve(self, armed: _Armed, n: int) -> tuple[int, bool]:
         """ResetEvery: how many of the next ``n`` bytes may go out, and whether to reset after."""
         rule = cast(ResetEvery, armed.rule)
@@ -870,6 +884,7 @@ class FaultServer:
         events: list[_Event] = []
         corrupt: list[_Armed] = []
         throttle: int | None = None
+        shared = False
         reset_every: _Armed | None = None
         for a in armed:
             rule = a.rule
@@ -880,14 +895,23 @@ class FaultServer:
             elif isinstance(rule, Corrupt) and rule.overlaps(start, end):
                 corrupt.append(a)
             elif isinstance(rule, Throttle) and throttle is None and total:
-                throttle = rule.bytes_per_second
+                throttle, shared = rule.bytes_per_second, rule.shared
                 self._use(a, ex)
             elif isinstance(rule, ResetEvery) and reset_every is None:
                 reset_every = a
         # At one position a stall comes first: it can end in a close or reset itself.
         events.sort(key=lambda e: (e.at, not isinstance(e.armed.rule, Stall)))
         return _Stream(
-            res, status, start, end, headers, tuple(events), tuple(corrupt), throttle, reset_every
+            res,
+            status,
+            start,
+            end,
+            headers,
+            tuple(events),
+            tuple(corrupt),
+            throttle,
+            shared,
+            reset_every,
         )
 
     def _issue_ticket_locked(self, path: str, rule: SignedRedirect) -> _Canned:
@@ -1162,6 +1186,10 @@ class _Handler(BaseHTTPRequestHandler):
                     n = min(n, events[0].at - pos)
                 if plan.throttle is not None:
                     n = min(n, max(1, plan.throttle // 20))
+                    if plan.shared:
+                        delay = owner._link_wait(plan.throttle, n)
+                        if delay > 0 and owner._closing.wait(delay):
+                            raise _Aborted
                 fire = False
                 if plan.reset_every is not None:
                     n, fire = owner._reserve(plan.reset_every, n)
@@ -1171,7 +1199,7 @@ class _Handler(BaseHTTPRequestHandler):
                     owner._note(ex, "ResetEvery")
                     self._reset()
                     return
-                if plan.throttle is not None and pos < total:
+                if plan.throttle is not None and not plan.shared and pos < total:
                     delay = t0 + pos / plan.throttle - time.monotonic()
                     if delay > 0 and owner._closing.wait(delay):
                         raise _Aborted

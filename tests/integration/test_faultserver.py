@@ -409,6 +409,27 @@ def test_throttle(srv: FaultServer) -> None:
     assert srv.active_faults("/data") == ()
 
 
+def test_shared_throttle_is_one_link_for_every_connection(srv: FaultServer) -> None:
+    """Four responses at once share the rate: together they take as long as 1.2 MB alone."""
+    srv.inject("/data", Throttle(bytes_per_second=2_000_000, shared=True))
+    got: list[bytes] = []
+
+    def fetch() -> None:
+        got.append(requests.get(srv.url("/data"), timeout=20).content)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # A lower bound only: 4 x 300 kB over a 2 MB/s link takes >= 0.6 s (0.15 s if each
+    # connection had the rate to itself); the first slice of each may go at once.
+    assert time.monotonic() - t0 >= 0.45
+    assert got == [DATA] * 4
+    assert all(r.faults == ("Throttle",) for r in srv.requests)
+
+
 # ---- answers instead of the content --------------------------------------------------------
 
 
