@@ -9,7 +9,8 @@ containing one as not continuous, so the caller falls back to the full walk.
 Threads and the path of one event::
 
     kernel inotify queue
-      -> inotify reader (watchdog InotifyFD; ours counts overflows and failed watches, in kernel order)
+      -> inotify reader (watchdog InotifyFD; from 7.1.1 it reads on one thread and handles on a
+         second, through a FIFO; ours counts overflows and failed watches, in kernel order)
       -> watchdog emitter (pairs moves) -> watchdog dispatcher -> Journal._on_fs_event
       -> SimpleQueue -> writer thread (batches rows into one SQLite transaction) -> journal table
 
@@ -22,8 +23,8 @@ the cookie's row is committed every event the kernel queued before the rename ha
 with a smaller seq. A mark whose cookie event was lost is retried with a new token.
 
 **Proving continuity.** A lost event is always announced by something the inotify reader sees in
-kernel order: ``IN_Q_OVERFLOW`` (watchdog then drops the events it was holding and re-adds its
-watches), or a watch that could not be added. Each such loss writes a row and bumps a counter.
+kernel order: ``IN_Q_OVERFLOW`` (watchdog then rebuilds its watches, and 7.1.0 also drops the events
+it was holding), or a watch that could not be added. Each such loss writes a row and bumps a counter.
 The row is queued when the reader sees the loss, which can be *before* an earlier cookie that was
 still in flight through the emitter and dispatcher threads reaches the writer. So each mark also
 reads the counter just before it writes its cookie, and when the cookie's event arrives with the
@@ -243,6 +244,22 @@ class _Backend(NamedTuple):
     threads: tuple[threading.Thread, ...]  # besides the observer's own and its emitters'
 
 
+def _require_hooks(*wanted: tuple[type, tuple[str, ...]]) -> None:
+    """Fail (so the journal is unavailable and callers compare everything) when watchdog lacks a
+    method the subclasses below override: its internals are not API, and a journal whose hooks are
+    never called could not prove anything."""
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls, names in wanted
+        for name in names
+        if not callable(getattr(cls, name, None))
+    ]
+    if missing:
+        from watchdog.version import VERSION_STRING
+
+        raise RuntimeError(f"watchdog {VERSION_STRING} has no {', '.join(missing)}")
+
+
 @functools.cache
 def _move_grouper_class() -> Any:
     """watchdog's move-event grouper, answering as soon as a move is paired (see below)."""
@@ -297,13 +314,18 @@ def _inotify_classes() -> tuple[Any, Any, Any]:
     from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
     from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
     from watchdog.observers.inotify_c import (
-        DEFAULT_EVENT_BUFFER_SIZE,
         CallbackId,
         InotifyEvent,
         InotifyFD,
         Mask,
         WatchCallback,
         WatchDescriptor,
+    )
+
+    _require_hooks(
+        (InotifyFD, ("_read_event_buffer", "handle_event", "_get_or_create_watch", "run")),
+        (InotifyWatchGroup, ("__post_init__", "_add_all_callbacks", "_add_callback")),
+        (InotifyEmitter, ("on_thread_start", "get_event_mask_from_filter")),
     )
 
     class CountingInotifyFD(InotifyFD):
@@ -313,15 +335,18 @@ def _inotify_classes() -> tuple[Any, Any, Any]:
             super().__init__()
             self.name = "snapfs-journal-inotify"
 
-        def read_events(
-            self, *, event_buffer_size: int = DEFAULT_EVENT_BUFFER_SIZE
-        ) -> list[InotifyEvent]:
-            events = super().read_events(event_buffer_size=event_buffer_size)
-            with self._gate:  # a testing aid: holding it stalls the reader like a busy consumer
-                return events
+        def _read_event_buffer(self, *args: Any, **kwargs: Any) -> bytes:
+            # Every read of the kernel queue goes through here: watchdog 7.1.0's read_events and
+            # 7.1.1's reader loop, which no longer calls read_events. A testing aid: holding the
+            # gate keeps the kernel queue unread, as a reader starved of CPU would.
+            with self._gate:
+                pass
+            data: bytes = super()._read_event_buffer(*args, **kwargs)
+            return data
 
         def handle_event(self, event: InotifyEvent) -> None:
-            # Runs in the reader thread, in kernel order: record the loss before watchdog drops
+            # Runs on the one thread that handles events (7.1.1 reads on one thread and handles on
+            # another, through a FIFO), in kernel order: record the loss before watchdog drops
             # the events it holds and re-adds its watches, so no later cookie can miss it.
             if event.is_queue_overflow:
                 self.losses.record(

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -205,8 +206,17 @@ def test_touched_gives_exact_sets(root: Path, journal: Journal) -> None:
     t = journal.touched(s0, s1)
     assert t.continuous and t.reason == ""
     assert t.paths == {
-        b"top.txt", b"d1", b"d1/x", b"old/y", b"old/z", b"old/w", b"top2",
-        b"old/sub", b"moved_sub", b"old/sub/f", b"moved_sub/f",
+        b"top.txt",
+        b"d1",
+        b"d1/x",
+        b"old/y",
+        b"old/z",
+        b"old/w",
+        b"top2",
+        b"old/sub",
+        b"moved_sub",
+        b"old/sub/f",
+        b"moved_sub/f",
     }
     assert t.dirty_dirs == {b"", b"d1", b"old", b"old/sub", b"moved_sub"}
     assert t.new_dirs == {b"d1", b"moved_sub"}
@@ -377,6 +387,55 @@ def test_start_on_a_missing_root_is_unavailable(tmp_path: Path) -> None:
     j.stop()
 
 
+def test_a_watchdog_without_the_hooks_makes_the_journal_unavailable(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """watchdog's inotify internals are not API: when one the journal overrides is gone, the
+    journal refuses to start (callers compare everything) instead of trusting dead hooks."""
+    from watchdog.observers.inotify_c import InotifyFD
+
+    from snapfs import _journal
+
+    monkeypatch.delattr(InotifyFD, "_read_event_buffer")
+    _journal._inotify_classes.cache_clear()
+    try:
+        with pytest.raises(JournalUnavailable, match=r"watchdog .* has no InotifyFD\._read_event"):
+            journal.start()
+    finally:
+        monkeypatch.undo()
+        _journal._inotify_classes.cache_clear()
+    assert journal.start() > 0  # the real watchdog still serves
+
+
+def test_the_reader_gate_stalls_every_read_of_the_kernel_queue(
+    root: Path, journal: Journal
+) -> None:
+    """The overflow tests hold the gate to starve the reader; it must stop reads, not just delay
+    their handling, or the kernel queue never fills and those tests prove nothing."""
+    journal.start()
+    fd = journal._backend.threads[0] if journal._backend else None
+    assert fd is not None
+    before = os.read  # the reader's read happens on its own thread: count them
+    reads: list[int] = []
+
+    def counting_read(fdno: int, n: int) -> bytes:
+        if threading.current_thread() is fd:
+            reads.append(n)
+        return before(fdno, n)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "read", counting_read)
+        with journal._reader_gate:
+            (root / "a.txt").write_text("a")  # wakes a reader blocked in select: one read
+            time.sleep(0.3)
+            (root / "b.txt").write_text("b")
+            time.sleep(0.3)
+            held = len(reads)
+        journal.mark(timeout=10)
+    assert held <= 1, f"the reader read the kernel queue {held} times while gated"
+    assert len(reads) > held
+
+
 def test_mark_after_stop_and_stop_is_idempotent(journal: Journal) -> None:
     journal.start()
     journal.stop()
@@ -400,9 +459,7 @@ def test_mark_fails_cleanly_when_the_observer_dies(root: Path, journal: Journal)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("snapfs-journal")]
 
 
-def test_too_few_inotify_watches_is_unavailable_with_a_plain_message(
-    root: Path, db: Path
-) -> None:
+def test_too_few_inotify_watches_is_unavailable_with_a_plain_message(root: Path, db: Path) -> None:
     for i in range(120):
         (root / "tree" / f"d{i}").mkdir(parents=True)
     j = Journal(root, db)
