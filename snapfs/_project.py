@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -39,7 +40,7 @@ from ._errors import (
 from ._fsops import DIR_FLAGS, READ_FLAGS, LinkMode, open_parent, split_relpath
 from ._hashing import Oid, hash_bytes, hash_fd
 from ._ignore import Ignore
-from ._index import SETTLE_MIN_SIZE, CacheEntry
+from ._index import SETTLE_MIN_SIZE, CacheEntry, Loaded
 from ._lock import Lock
 from ._objects import ObjectStore, Seal
 from ._scan import (
@@ -371,19 +372,27 @@ class Project:
     ) -> ScanResult:
         # Nothing a read-only scan builds is stored. With ``lazy_added`` (a rollback to the
         # hint's base), files the base lacks are not read: they are about to be deleted.
+        return self._scan_view(progress, hint, lazy_added=lazy_added)[0]
+
+    def _scan_view(
+        self, progress: ProgressFn, hint: Hint | None = None, *, lazy_added: bool = False
+    ) -> tuple[ScanResult, Loaded, bytes]:
+        """A read-only scan, with the stat cache it read and the ignore rules' fingerprint."""
         ignore = Ignore.load(self.root)
-        return scan(
+        view = self.state.cache_view()
+        res = scan(
             self.root,
             ignore=ignore,
-            cache=self.state.file_records(),
+            cache=view.files,
             batch=None,
             workers=self.config.workers,
             helpers=self.config.scan_helpers,
             progress=progress,
             hint=hint,
             lazy_added=lazy_added,
-            dirs=self.state.load_dir_cache(ignore.fingerprint),
+            dirs=view.dirs if view.rules == ignore.fingerprint else {},
         )
+        return res, view, ignore.fingerprint
 
     def _hash_path(self, relpath: bytes) -> Oid | None:
         """The digest of the project file ``relpath``, reached without following a symlink;
@@ -416,7 +425,73 @@ class Project:
     def _scan_current(self, progress: ProgressFn) -> ScanResult:
         """The working tree's trees, read only where ``snapfs watch`` saw changes if it runs."""
         _mark, hint, _base = self._watch_hint()
-        return self._scan_readonly(progress, hint)
+        res, view, rules = self._scan_view(progress, hint)
+        self._keep_scan_records(res, view, rules)
+        return res
+
+    def _keep_scan_records(self, res: ScanResult, view: Loaded, rules: bytes) -> None:
+        """Record what a read-only scan learned, where that is safe, so the next scan need not
+        learn it again. A restore lands files with stat cache entries, but it can't vouch for
+        the directories it changed, and the small files it wrote are racy (written just now):
+        until the next snapshot every ``status`` rebuilt those directories and re-hashed those
+        files (after a restore of 2k files, 0.3 s instead of 0.13 s).
+
+        Safe means:
+        - a cache entry is kept only if it is not racy, its object is stored (a snapshot trusting
+          it never reads the file) and the file can't be a sealed hardlink (whose seal only a
+          snapshot updates);
+        - a directory record only if its tree is stored (a scan trusting it never reads the
+          directory) and every file in it has a cache entry it was built from (a record vouches
+          for them);
+        - the stat cache is still the one the scan read, and the writer lock and the store's
+          shared lock are free at once: a reader never waits, and a failed write only loses a
+          shortcut.
+        """
+        if res.dirs is None:  # a journal-guided scan: it built only part of the tree
+            return
+        old = view.dirs if view.rules == rules else {}
+        fresh = {rel: rec for rel, rec in res.dirs.items() if old.get(rel) != rec}
+        if not fresh and not res.cache_updates and not res.cache_deletes:
+            return
+        cfg = self.config
+        hardlinks = cfg.link_mode == LinkMode.HARDLINK
+        wanted = [
+            (relpath, e)
+            for relpath, e in res.cache_updates
+            if not e.racy and not hardlinks and e.size < cfg.hardlink_threshold
+        ]
+        try:
+            self.lock.acquire(wait=False, purpose="status: recording the stat cache")
+        except (SnapfsError, OSError):
+            return
+        try:
+            self.store.lock.acquire(shared=True, wait=False)
+        except (SnapfsError, OSError):
+            self.lock.release()
+            return
+        try:
+            if self.state.cache_view() is not view:  # another writer changed it meanwhile
+                return
+            updates = [(relpath, e) for relpath, e in wanted if e.oid in self.store]
+            kept_paths = {relpath for relpath, _e in updates}
+            unvouched = {
+                relpath.rpartition(b"/")[0]
+                for relpath, _e in res.cache_updates
+                if relpath not in kept_paths
+            }
+            stored = self.state.stored_trees(rec.oid for rec in fresh.values())
+            dirs = {
+                rel: rec
+                for rel, rec in res.dirs.items()
+                if old.get(rel) == rec
+                or (rel in fresh and rel not in unvouched and rec.oid in stored)
+            }
+            self.state.update_cache(updates, res.cache_deletes, (rules, dirs))
+        except (SnapfsError, OSError, sqlite3.Error):
+            return
+        finally:
+            self.store.lock.release()
+            self.lock.release()
 
     def status(self, progress: ProgressFn = no_progress) -> Changes:
         """Changes in the working tree since HEAD (everything is 'added' before any snapshot)."""

@@ -495,6 +495,23 @@ class ProjectState:
         """The stat cache of files; treat it as read-only (update_cache replaces it)."""
         return self._loaded().files.data()
 
+    def cache_view(self) -> Loaded:
+        """The stat cache as on disk now: files, directory records and their ignore rules, as
+        one reading. The same object is returned until the index is replaced (by this process
+        or another), so ``is`` tells whether it changed."""
+        return self._loaded()
+
+    def stored_trees(self, oids: Iterable[Oid]) -> set[Oid]:
+        """Those of ``oids`` whose tree is stored."""
+        want = list(set(oids))
+        found: set[Oid] = set()
+        for i in range(0, len(want), 500):  # under SQLite's limit on bound parameters
+            chunk = want[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT oid FROM trees WHERE oid IN ({marks})"
+            found.update(bytes(oid) for (oid,) in self.db.execute(sql, chunk))
+        return found
+
     def file_records(self) -> FileRecords:
         """The stat cache of files, decoded only if a scan needs it (see scan)."""
         return self._loaded().files

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -330,3 +332,89 @@ def test_a_restore_writes_the_stat_cache_once_and_it_stays_true(
         ignore = Ignore.load(root)
         s = scan(root, ignore=ignore, cache=again.state.file_records(), batch=None)
         assert s.hashed == 0  # the cache already knew d2/f2.txt as it is now
+
+
+def _restored(project: snapfs.Project) -> snapfs.SnapshotInfo:
+    """Snapshot a tree, change it (files added, edited, deleted; a new folder), restore it."""
+    root = project.root
+    for i in range(30):
+        write(root, f"d{i % 3}/s{i % 2}/f{i}.txt", f"v1 {i}")
+    first = project.snapshot("first")
+    write(root, "d0/s0/f0.txt", "v2")
+    write(root, "d1/new/n.txt", "n")
+    (root / "d2/s1/f5.txt").unlink()
+    project.snapshot("changed")
+    project.restore(first.id)
+    return first
+
+
+def _rescan(project: snapfs.Project) -> tuple[int, int, bytes]:
+    """What the next scan would read: (files hashed, trees rebuilt, root)."""
+    ignore = Ignore.load(project.root)
+    res = scan(project.root, ignore=ignore, cache=project.state.file_records(), batch=None,
+               dirs=project.state.load_dir_cache(ignore.fingerprint))  # fmt: skip
+    return res.hashed, len(res.trees), res.root
+
+
+def test_status_after_a_restore_records_what_it_learned(project: snapfs.Project) -> None:
+    first = _restored(project)
+    _settle()
+    hashed, rebuilt, _root = _rescan(project)
+    assert hashed > 0 and rebuilt > 0  # the restore could vouch for neither
+    assert not project.status()
+    with snapfs.open(project.root) as again:  # another process: it reads what was recorded
+        hashed, rebuilt, root = _rescan(again)
+        assert (hashed, rebuilt) == (0, 0)
+        assert root == _full_scan_root(again) == bytes.fromhex(first.root)
+        write(again.root, "d0/s0/f0.txt", "v3")  # and a change after it is still seen
+        _settle()
+        assert again.status().modified == ["d0/s0/f0.txt"]
+
+
+def test_status_records_no_content_it_did_not_store(project: snapfs.Project) -> None:
+    root = project.root
+    write(root, "a/x.txt", "one")
+    write(root, "a/y.txt", "y")
+    _tree(project)
+    write(root, "a/x.txt", "two, never snapshotted")
+    _settle()
+    before = project.state.load_cache()[b"a/x.txt"]
+    assert project.status().modified == ["a/x.txt"]
+    assert project.status().modified == ["a/x.txt"]
+    assert project.state.load_cache()[b"a/x.txt"] == before  # its object is stored nowhere
+    assert b"a" not in _records(project)
+    snap = project.snapshot()  # so the snapshot reads it and stores it
+    write(root, "a/x.txt", "three")
+    project.restore(snap.id)
+    assert (root / "a/x.txt").read_text() == "two, never snapshotted"
+    assert project.verify().ok
+
+
+def test_status_never_waits_for_a_writer(project: snapfs.Project) -> None:
+    _restored(project)
+    _settle()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(project.lock.path)], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        index = project.state.index_path.stat()
+        t0 = time.monotonic()
+        assert not project.status()
+        assert time.monotonic() - t0 < 20  # not blocked until the holder gives up (60 s)
+        after = project.state.index_path.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (index.st_ino, index.st_mtime_ns)
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert not project.status()  # the lock is free: now it records
+    assert _rescan(project)[:2] == (0, 0)
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""

@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import snapfs
+from snapfs._diff import changes
+from snapfs._ignore import Ignore
+from snapfs._scan import scan
 from tests.helpers import tree_state
 
 FILE_MODES = (0o644, 0o755, 0o600, 0o444)
@@ -242,6 +246,48 @@ def test_round_trip_with_scan_helpers(
         _round_trip(tree, data)
     finally:
         _pscan.MIN_DIRS, _pscan.procs_available = saved
+
+
+@settings(PROPERTY_SETTINGS, max_examples=30)
+@given(tree=roots, data=st.data())
+def test_what_status_records_after_a_restore_stays_true(
+    tree: dict[bytes, File | Link | Dir], data: st.DataObject
+) -> None:
+    """``status`` after a restore records the directory records and cache entries it built
+    (see Project._keep_scan_records). Whatever it recorded, a change made right after it (in
+    the same clock tick, or not) is still seen by the next status, and a snapshot still stores
+    the tree exactly."""
+    with tempfile.TemporaryDirectory(prefix="snapfs-prop-") as tmp:
+        root = Path(tmp) / "proj"
+        root.mkdir()
+        rootb = os.fsencode(root)
+        for name, node in tree.items():
+            materialize(rootb, name, node)
+        with snapfs.init(root) as project:
+            first = project.snapshot("first")
+            log = mutate(rootb, data)
+            project.snapshot("changed")
+            project.restore(first.id)
+            if data.draw(st.booleans(), label="settle after the restore"):
+                time.sleep(0.03)  # past the racy window: the restored files are trusted
+            assert not project.status(), f"status not clean after restore ({log})"
+            if data.draw(st.booleans(), label="settle after status"):
+                time.sleep(0.03)
+            log += mutate(rootb, data)
+            if data.draw(st.booleans(), label="settle after the change"):
+                time.sleep(0.03)  # edited files are no longer racy: status would vouch for them
+            mutated = tree_state(root)
+            full = scan(root, ignore=Ignore.load(root), cache={}, batch=None)
+            want = changes(project._overlay(full.trees), bytes.fromhex(first.root), full.root)
+            assert project.status() == want, f"status after {log}"
+            assert project.status() == want, f"the second status after {log}"
+            last = project.snapshot("last")
+            project.restore(first.id)
+            project.restore(last.id)
+            got = tree_state(root)
+            assert got == mutated, f"snapshot after {log} differs: {_diff(got, mutated)}"
+            assert project.verify().ok
+        _open_up(rootb)
 
 
 def _round_trip(tree: dict[bytes, File | Link | Dir], data: st.DataObject) -> None:
