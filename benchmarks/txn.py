@@ -193,6 +193,7 @@ def peers_block(area: Path, pristine: Path, args: Any, errors: list[str]) -> dic
         verdicts: list[str] = []
         for _ in range(n_rb):
             genproject.apply_change(git.project, args.scale)
+            os.sync()  # as for snapfs: the change's writeback is not the undo's cost
 
             def undo() -> None:
                 git._git("reset", "--hard", "-q")

@@ -206,11 +206,15 @@ class ProjectState:
     @contextmanager
     def _synced(self, durable: bool) -> Iterator[None]:
         """Commits inside skip the fsync unless ``durable``. WAL keeps them in order: a later
-        durable commit makes this one durable too, and a process crash never loses it."""
+        durable commit makes this one durable too, and a process crash never loses it.
+
+        NORMAL, not OFF: in WAL mode NORMAL syncs nothing at commit, but still syncs the WAL
+        before a checkpoint copies it into the database. OFF skips that too, so an automatic
+        checkpoint during such a commit, then a power cut, could leave the database corrupt."""
         if durable:
             yield
             return
-        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("PRAGMA synchronous=NORMAL")
         try:
             yield
         finally:
