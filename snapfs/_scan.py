@@ -446,16 +446,16 @@ def scan(
                     if st.st_mode & _IFMT == _IFREG:  # (else replaced since: left out)
                         d.regular.append(sname)
                         regular_st.append(st)
-            list_files(fd, rel, d)
+            list_files(fd, rel, d, base)
         return descend_into
 
-    def list_files(fd: int, rel: bytes, d: _Dir) -> None:
-        """Each regular file of a directory: from the stat cache, hashed inline, or pooled."""
+    def list_files(fd: int, rel: bytes, d: _Dir, base: dict[bytes, Entry]) -> None:
+        """Each regular file of a directory: from the stat cache, hashed inline, or pooled.
+        ``base`` is the directory's entries in the hint's base tree (empty without a hint)."""
         nonlocal pool, counter, nbytes, known
         entries, hits, order = d.entries, d.hits, d.order
         prefix = rel + b"/" if rel else b""
         get_cached = files_of().get
-        base = base_entries(rel) if hint is not None else {}
         unread = lazy_new and hint is not None and hint.is_new(rel)
         clean = d.clean
         for sname, st in zip(d.regular, d.regular_st, strict=True):

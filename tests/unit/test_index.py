@@ -34,7 +34,10 @@ entries = st.builds(_entry, st.integers(0, 1 << 40), st.booleans())
     data=st.data(),
 )
 def test_merged_matches_a_dict(start, deletes, updates, data, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
-    # Deletes and updates also hit existing paths, not only random new ones.
+    # Deletes and updates also hit existing paths, not only random new ones. Padding makes
+    # the edits few next to the records, so they are found by binary search, not a map.
+    pad = data.draw(st.sampled_from([0, 400]))
+    start = {**start, **{b"pad%04d" % i: _entry(i, False) for i in range(pad)}}
     if start:
         deletes += data.draw(st.lists(st.sampled_from(sorted(start)), max_size=10))
         more = st.tuples(st.sampled_from(sorted(start)), entries)
