@@ -550,7 +550,7 @@ class _Download:
             live = list(self._responses)
         for resp in live:
             try:
-                sock = resp.raw.connection.sock  # type: ignore[union-attr]
+                sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
                 if sock is not None:
                     sock.shutdown(socket.SHUT_RDWR)
             except (AttributeError, OSError):
