@@ -450,13 +450,15 @@ class ProjectState:
         self, *, keep_runs: Iterable[str], only_run: str | None = None, older_than: float = 0
     ) -> None:
         """Drop change-journal rows nobody can use any more. Losing rows is always safe: an
-        interval whose rows are gone is simply not continuous, and snapfs walks everything."""
+        interval whose rows are gone is simply not continuous, and snapfs walks everything.
+        Not worth an fsync either: rows a power cut brings back belong to runs that are over,
+        and the next prune drops them."""
         if (
             self.db.execute("SELECT name FROM sqlite_master WHERE name = 'journal'").fetchone()
             is None
         ):
             return
-        with self.db:
+        with self._synced(False), self.db:
             if only_run is not None:
                 self.db.execute("DELETE FROM journal WHERE run = ?", (only_run,))
                 return

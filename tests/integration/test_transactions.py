@@ -830,3 +830,24 @@ def test_only_commits_that_outlive_no_process_skip_the_fsync(tmp_path: Path) -> 
     with snapfs.open(root) as p:  # written for every other process
         assert p.state.get_meta("k") == "v"
         assert [r.id for r in p.state.txns() if r.owner == owner] == [txn]
+
+
+def test_pruning_the_journal_skips_the_fsync(tmp_path: Path) -> None:
+    """A finished run's events are of no use to anyone: a power cut that brings them back
+    costs nothing (the next prune drops them), so deleting them is not worth an fsync."""
+    root = tmp_path / "p"
+    root.mkdir()
+    with snapfs.init(root) as p:
+        with snapfs.transaction(p, "makes the journal table"):
+            (root / "a").write_text("a")
+        db = p.state.db
+        seen: list[str] = []
+        db.set_trace_callback(seen.append)
+        p.state.prune_journal(keep_runs=(), only_run="some-run")
+        p.state.prune_journal(keep_runs=(), older_than=0)
+        db.set_trace_callback(None)
+        sync = [s for s in seen if "synchronous" in s or s.startswith(("DELETE", "COMMIT"))]
+        assert [s.split(" ")[0] for s in sync] == ["PRAGMA", "DELETE", "COMMIT", "PRAGMA"] * 2
+        assert sync[0] == "PRAGMA synchronous=NORMAL" and sync[-1] == "PRAGMA synchronous=FULL"
+        assert int(db.execute("PRAGMA synchronous").fetchone()[0]) == 2
+        assert db.execute("SELECT count(*) FROM journal").fetchone()[0] == 0
