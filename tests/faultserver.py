@@ -659,6 +659,12 @@ class FaultServer:
     def _make_resource(
         self, path: str, content: bytes | Path, etag: bool | str, last_modified: bool, ctype: str
     ) -> _Resource:
+        # bytes(str) would fail with "string argument without an encoding", naming nothing.
+        if isinstance(content, str):
+            raise TypeError(
+                f"FaultServer content for {path} must be bytes or a pathlib.Path, not a str"
+                f" ({content[:40]!r}): wrap a file name in Path(), encode text."
+            )
         if isinstance(content, Path):
             data, file, size = None, content, content.stat().st_size
         else:

@@ -578,3 +578,9 @@ def test_close_joins_every_thread_even_with_busy_connections(tmp_path: Path) -> 
             assert started_by_server == []
         stalled.close()
         unread.close()
+
+
+def test_a_str_content_is_refused_with_a_message_that_says_what_to_pass(srv: FaultServer) -> None:
+    with pytest.raises(TypeError, match=r"bytes or a pathlib.Path, not a str"):
+        srv.add("/named", "models/x.bin")  # type: ignore[arg-type]
+    assert requests.get(srv.url("/named"), timeout=10).status_code == 404
