@@ -36,7 +36,7 @@ from benchmarks.tools import ALL_TOOLS, CmdError, Snapfs, Tool, Unsupported, fs_
 
 FS_KINDS = ["main", "ext4-loop", "xfs-loop"]
 SUITES = ["core", "txn"]
-DEFAULT_PEERS = ["git", "restic", "borg", "rsync", "cp-al", "cp-reflink"]
+DEFAULT_PEERS = ["snapfs-watch", "git", "restic", "borg", "rsync", "cp-al", "cp-reflink"]
 PEER_ALIASES = {"cp": "cp-al", "reflink": "cp-reflink"}
 FLOORS_SCRIPT = Path(__file__).resolve().parent / "floors.py"
 
@@ -220,7 +220,7 @@ def run_tool_once(
         clean = step("status_clean", tool.status)
         change = genproject.apply_change(tool.project, scale)
         dirty = step("status_dirty", tool.status)
-        if tool.name == "snapfs":
+        if isinstance(tool, Snapfs):  # (also with the watcher: its journal must see the change)
             none: dict[str, list[str]] = {"added": [], "modified": [], "deleted": []}
             expect = {"added": change.added, "modified": change.modified, "deleted": change.deleted}
             res["status_check"] = (
@@ -300,10 +300,12 @@ def bench_fs(fs: str, base: Path, pristine: Path, args: argparse.Namespace) -> d
             area = base / f"area-{cls.name}"
             area.mkdir()
             log(f"[{fs}] repeat {r + 1}/{args.repeat}: {cls.name}")
+            tool = cls(area)
             try:
-                one = run_tool_once(cls(area), pristine, expected, args.scale, fs != "main")
+                one = run_tool_once(tool, pristine, expected, args.scale, fs != "main")
                 runs[cls.name].append(one)
             finally:
+                tool.close()
                 shutil.rmtree(area, ignore_errors=True)
     agg = {name: report.aggregate(rs) for name, rs in runs.items()}
     print("\n" + report.fs_report(fs, info, agg, floors) + "\n", flush=True)

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -81,6 +82,10 @@ class Tool(ABC):
 
     def status(self) -> Any:
         raise Unsupported
+
+    def close(self) -> None:
+        """Stop whatever the tool left running (after each run, also after an error)."""
+        return  # most tools leave nothing running
 
     def restore_first(self) -> Path:
         """Bring back the state of the first snapshot; return the tree to verify."""
@@ -159,6 +164,45 @@ class Snapfs(Tool):
     def store_bytes(self) -> int:
         # Large files may be hardlinked between project and store: count only the store's extra.
         return du_bytes([self.project]) - du_bytes([self.project], exclude=".snapfs")
+
+
+class SnapfsWatch(Snapfs):
+    """snapfs with `snapfs watch` running from just after init: snapshots, status and the
+    pre-restore snapshot read the watcher's journal instead of walking the tree (the first
+    snapshot still reads everything). Its `init` time includes starting the watcher."""
+
+    name = "snapfs-watch"
+
+    def __init__(self, area: Path) -> None:
+        super().__init__(area)
+        self.watcher: subprocess.Popen[bytes] | None = None
+
+    def init(self) -> None:
+        super().init()
+        cmd = [sys.executable, "-m", "snapfs", "-C", str(self.project), "watch"]
+        env = {**os.environ, **self.ENV}
+        log_path = self.area / "watch.log"  # its messages, read for the ready line
+        with open(log_path, "w") as log_file:
+            self.watcher = subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
+            )
+        deadline = time.monotonic() + 30
+        while "Watching" not in log_path.read_text():  # printed once the journal is live
+            if self.watcher.poll() is not None or time.monotonic() > deadline:
+                rc = self.watcher.poll()
+                self.close()
+                raise CmdError(cmd, -1 if rc is None else rc, log_path.read_text())
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        if self.watcher is not None and self.watcher.poll() is None:
+            self.watcher.terminate()  # SIGTERM: it stops cleanly
+            try:
+                self.watcher.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.watcher.kill()
+                self.watcher.wait()
+        self.watcher = None
 
 
 class Git(Tool):
@@ -374,5 +418,5 @@ class Reflink(Tool):
 
 
 ALL_TOOLS: dict[str, type[Tool]] = {
-    t.name: t for t in (Snapfs, Git, Restic, Borg, Rsync, CpAl, Reflink)
+    t.name: t for t in (Snapfs, SnapfsWatch, Git, Restic, Borg, Rsync, CpAl, Reflink)
 }
