@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -132,7 +135,7 @@ class Snapfs(Tool):
         self.snapshot_reports: list[Any] = []
 
     def _cli(self, *args: str) -> str:
-        return run([sys.executable, "-m", "snapfs", "-C", str(self.project), *args], env=self.ENV)
+        return snapfs_cli(self.project, *args)
 
     @staticmethod
     def unavailable_reason() -> str | None:
@@ -166,6 +169,55 @@ class Snapfs(Tool):
         return du_bytes([self.project]) - du_bytes([self.project], exclude=".snapfs")
 
 
+def snapfs_cli(project: Path, *args: str) -> str:
+    """Run the snapfs CLI of this checkout on ``project``; its stdout."""
+    return run([sys.executable, "-m", "snapfs", "-C", str(project), *args], env=Snapfs.ENV)
+
+
+WATCH_READY_TIMEOUT = 600.0  # adding an inotify watch per directory of a big tree takes a while
+WATCH_SETTLE = 2.0
+
+
+@contextmanager
+def watching(project: Path, log_file: Path, *, settle: bool = True) -> Iterator[dict[str, Any]]:
+    """Run `snapfs watch` on `project` for the duration of the block; always stop it after.
+    ``settle``: once it is ready, wait a little and run one ordinary command with it."""
+    cmd = [sys.executable, "-m", "snapfs", "-C", str(project), "watch"]
+    info: dict[str, Any] = {"cmd": cmd}
+    with open(log_file, "w") as err:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, **Snapfs.ENV},
+        )
+    try:
+        t0 = time.perf_counter()
+        while "Watching" not in log_file.read_text():
+            if proc.poll() is not None:
+                raise CmdError(cmd, proc.returncode, log_file.read_text())
+            if time.perf_counter() - t0 > WATCH_READY_TIMEOUT:
+                raise CmdError(cmd, -1, f"no 'Watching' line after {WATCH_READY_TIMEOUT:.0f} s")
+            time.sleep(0.05)
+        info["ready_seconds"] = time.perf_counter() - t0
+        if settle:
+            time.sleep(WATCH_SETTLE)
+            snapfs_cli(project, "status")  # one ordinary command with the watcher in place
+        yield info
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # snapfs turns it into a clean stop
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                info["killed"] = True
+        info["returncode"] = proc.returncode
+        info["stderr"] = log_file.read_text()[-2000:]
+
+
 class SnapfsWatch(Snapfs):
     """snapfs with `snapfs watch` running from just after init: snapshots, status and the
     pre-restore snapshot read the watcher's journal instead of walking the tree (the first
@@ -175,34 +227,14 @@ class SnapfsWatch(Snapfs):
 
     def __init__(self, area: Path) -> None:
         super().__init__(area)
-        self.watcher: subprocess.Popen[bytes] | None = None
+        self.watcher = ExitStack()
 
     def init(self) -> None:
         super().init()
-        cmd = [sys.executable, "-m", "snapfs", "-C", str(self.project), "watch"]
-        env = {**os.environ, **self.ENV}
-        log_path = self.area / "watch.log"  # its messages, read for the ready line
-        with open(log_path, "w") as log_file:
-            self.watcher = subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
-            )
-        deadline = time.monotonic() + 30
-        while "Watching" not in log_path.read_text():  # printed once the journal is live
-            if self.watcher.poll() is not None or time.monotonic() > deadline:
-                rc = self.watcher.poll()
-                self.close()
-                raise CmdError(cmd, -1 if rc is None else rc, log_path.read_text())
-            time.sleep(0.02)
+        self.watcher.enter_context(watching(self.project, self.area / "watch.log", settle=False))
 
     def close(self) -> None:
-        if self.watcher is not None and self.watcher.poll() is None:
-            self.watcher.terminate()  # SIGTERM: it stops cleanly
-            try:
-                self.watcher.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.watcher.kill()
-                self.watcher.wait()
-        self.watcher = None
+        self.watcher.close()
 
 
 class Git(Tool):

@@ -12,26 +12,21 @@ import functools
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from benchmarks import genproject, treecheck
-from benchmarks.tools import CmdError, Git, Snapfs, run
+from benchmarks.tools import CmdError, Git, Snapfs, run, snapfs_cli, watching
 
 HERE = Path(__file__).resolve().parent
 FLOORS_SCRIPT = HERE / "floors.py"
 WRITE2K_SCRIPT = HERE / "write2k.py"
 WRITE2K_DIR = "bench_write2k"  # a new top-level dir of the project, deleted after every run
-WATCH_READY_TIMEOUT = 600.0  # adding an inotify watch per directory of a big tree takes a while
-WATCH_SETTLE = 2.0
 CONDITIONS = ("watch", "nowatch")  # table column order
 ENTER_TARGET_S = 0.100
 OVERHEAD_TARGET = 0.05
@@ -56,48 +51,6 @@ def _driver(*args: str) -> dict[str, Any]:
     out = run([sys.executable, "-m", "benchmarks.txn_driver", *args], env=Snapfs.ENV)
     result: dict[str, Any] = json.loads(out)
     return result
-
-
-def _snapfs(project: Path, *args: str) -> str:
-    return run([sys.executable, "-m", "snapfs", "-C", str(project), *args], env=Snapfs.ENV)
-
-
-@contextmanager
-def watching(project: Path, log_file: Path) -> Iterator[dict[str, Any]]:
-    """Run `snapfs watch` on `project` for the duration of the block; always stop it after."""
-    cmd = [sys.executable, "-m", "snapfs", "-C", str(project), "watch"]
-    info: dict[str, Any] = {"cmd": cmd}
-    with open(log_file, "w") as err:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env={**os.environ, **Snapfs.ENV},
-        )
-    try:
-        t0 = time.perf_counter()
-        while "Watching" not in log_file.read_text():
-            if proc.poll() is not None:
-                raise CmdError(cmd, proc.returncode, log_file.read_text())
-            if time.perf_counter() - t0 > WATCH_READY_TIMEOUT:
-                raise CmdError(cmd, -1, f"no 'Watching' line after {WATCH_READY_TIMEOUT:.0f} s")
-            time.sleep(0.05)
-        info["ready_seconds"] = time.perf_counter() - t0
-        time.sleep(WATCH_SETTLE)
-        _snapfs(project, "status")  # one ordinary command with the watcher in place
-        yield info
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # snapfs turns it into a clean stop
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                info["killed"] = True
-        info["returncode"] = proc.returncode
-        info["stderr"] = log_file.read_text()[-2000:]
 
 
 # ---------------------------------------------------------------------------
@@ -129,12 +82,12 @@ def snapfs_block(project: Path, pristine: Path, args: Any, errors: list[str]) ->
         plain_cmd = [sys.executable, str(WRITE2K_SCRIPT), str(dest)]
         wrapped_cmd = [sys.executable, "-m", "snapfs", "-C", str(project), "run", "--", *plain_cmd]
         res: dict[str, list[float]] = {"plain": [], "wrapped": []}
-        _snapfs(project, "snapshot", "-m", "bench write2k start")
+        snapfs_cli(project, "snapshot", "-m", "bench write2k start")
         for _ in range(n):
             for key, cmd in (("plain", plain_cmd), ("wrapped", wrapped_cmd)):
                 res[key].append(_timed(functools.partial(run, cmd, env=Snapfs.ENV)))
                 shutil.rmtree(dest)
-                _snapfs(project, "snapshot", "-m", "bench write2k reset")
+                snapfs_cli(project, "snapshot", "-m", "bench write2k reset")
         return res
 
     attempt("cli_write2k", cli_write2k)
@@ -232,8 +185,8 @@ def bench_txn(fs: str, base: Path, pristine: Path, args: Any) -> dict[str, Any]:
             project = area / "snapfs"
             log(f"[{fs}] txn: snapfs project: copy, init, first snapshot (untimed)")
             run(["cp", "-a", str(pristine), str(project)])
-            _snapfs(project, "init")
-            _snapfs(project, "snapshot", "-m", "base")
+            snapfs_cli(project, "init")
+            snapfs_cli(project, "snapshot", "-m", "base")
             log(f"[{fs}] txn: snapfs without watch")
             res["snapfs"]["nowatch"] = snapfs_block(project, pristine, args, errors)
             log(f"[{fs}] txn: snapfs with `snapfs watch` running")
