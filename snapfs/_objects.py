@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import threading
 import time
@@ -49,6 +48,7 @@ from ._fsops import (
     make_durable,
     named,
     reflink_fd,
+    remove_tree,
     stat_changed,
     write_all,
 )
@@ -342,7 +342,7 @@ class ObjectStore:
                 if _dead_owner(name):
                     path = self.tmp / name
                     if path.is_dir() and not path.is_symlink():
-                        shutil.rmtree(path, ignore_errors=True)
+                        remove_tree(path)
                     else:  # a staged file (an import's write step)
                         _unlink_quiet(path)
 
@@ -555,7 +555,7 @@ class ObjectStore:
         writer.finish()
         os.rename(writer.path, self.packs / writer.name)
         fsync_dir(self.packs)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
         crash_point("gc.repack_written")
         with self.db:
             self.db.executemany(
@@ -988,7 +988,7 @@ class IngestBatch:
         if self._pack is not None:
             self._pack.discard()
             self._pack = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_tree(self.dir)
 
 
 def _disk_size(path: Path) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sqlite3
 import stat
 import time
@@ -37,7 +36,7 @@ from ._errors import (
     UsageError,
     from_oserror,
 )
-from ._fsops import DIR_FLAGS, READ_FLAGS, LinkMode, open_parent, split_relpath
+from ._fsops import DIR_FLAGS, READ_FLAGS, LinkMode, open_parent, remove_tree, split_relpath
 from ._hashing import Oid, hash_bytes, hash_fd
 from ._ignore import Ignore
 from ._index import SETTLE_MIN_SIZE, CacheEntry, Loaded
@@ -919,7 +918,7 @@ class Project:
                 path = self.state_dir / "intent.json"
                 if path.exists():
                     path.unlink()
-                    shutil.rmtree(self.state_dir / "staging", ignore_errors=True)
+                    remove_tree(self.state_dir / "staging")
                     (self.state_dir / "staging").mkdir(exist_ok=True)
                     return "Discarded the record of an interrupted restore."
                 return "Nothing to recover."
@@ -962,7 +961,7 @@ class Project:
         staging = self.state_dir / "staging"
         if staging.is_dir():
             for name in os.listdir(staging):
-                shutil.rmtree(staging / name, ignore_errors=True)
+                remove_tree(staging / name)
         trash.sweep(self.state_dir)
 
     # ---- verify -------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -38,6 +37,7 @@ from ._fsops import (
     make_durable,
     open_parent,
     remove_entry,
+    remove_tree,
     write_file_atomic,
 )
 from ._hashing import Oid
@@ -213,7 +213,7 @@ def apply_restore(
     progress: ProgressFn = no_progress,
 ) -> Applied:
     staging = state_dir / "staging" / intent.staging
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_tree(staging)
     staging.mkdir(parents=True)
     sfd = os.open(staging, DIR_FLAGS)
     root_fd = os.open(root, DIR_FLAGS)
@@ -232,7 +232,7 @@ def apply_restore(
             # Nothing in the project changed yet; give back the space staging took, once no
             # thread is still writing into it.
             pool.shutdown()
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
             raise
         crash_point("restore.intent_written")
         result = _apply(plan, root_fd, sfd, remover, progress, staged, store)
@@ -423,4 +423,4 @@ def finish(state_dir: Path, intent: Intent) -> None:
     except FileNotFoundError:
         pass
     fsync_dir(state_dir)
-    shutil.rmtree(state_dir / "staging" / intent.staging, ignore_errors=True)
+    remove_tree(state_dir / "staging" / intent.staging)

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from snapfs import UnsafePath
-from snapfs._fsops import DIR_FLAGS, open_parent, remove_entry, split_relpath
+from snapfs._fsops import DIR_FLAGS, open_parent, remove_entry, remove_tree, split_relpath
 
 
 @pytest.mark.parametrize(
@@ -149,3 +149,28 @@ def test_remove_entry_clears_read_only_trees_and_spares_kept_paths(
     assert not remove_entry(root_fd, b"d", keep, b"d")
     assert (proj / "d/keep/cache.pyc").exists()
     assert not (proj / "d/gone.txt").exists()
+
+
+def test_remove_tree_removes_what_is_there_and_ignores_what_is_not(tmp_path: Path) -> None:
+    remove_tree(tmp_path / "absent")  # nothing there: no error
+    (tmp_path / "empty").mkdir()
+    remove_tree(tmp_path / "empty")
+    assert not os.path.lexists(tmp_path / "empty")
+    (tmp_path / "full/sub").mkdir(parents=True)
+    (tmp_path / "full/sub/f").write_bytes(b"x")
+    os.symlink("/nonexistent", tmp_path / "full/dangling")
+    remove_tree(os.fsencode(tmp_path / "full"))  # bytes paths too, as the restore passes
+    assert not os.path.lexists(tmp_path / "full")
+
+
+def test_remove_tree_never_follows_a_symlink(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub/precious").write_text("keep me")
+    (outside / "empty").mkdir()
+    os.symlink(outside, tmp_path / "link")
+    os.symlink(outside / "empty", tmp_path / "link-to-empty")
+    remove_tree(tmp_path / "link")
+    remove_tree(tmp_path / "link-to-empty")
+    assert (outside / "sub/precious").read_text() == "keep me"
+    assert (outside / "empty").is_dir()
