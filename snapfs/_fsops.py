@@ -119,9 +119,13 @@ def syncfs(fd: int) -> None:
 FSYNC_EACH_MAX = 64
 
 
-def make_durable(files: list[str | bytes], dirs: list[str | bytes], fs_fd: int) -> None:
-    """Make the content of ``files`` and the entries of ``dirs`` durable, cheapest way first."""
-    if len(files) + len(dirs) > FSYNC_EACH_MAX:
+def make_durable(
+    files: list[str | bytes], dirs: list[str | bytes], fs_fd: int, *, each: bool = False
+) -> None:
+    """Make the content of ``files`` and the entries of ``dirs`` durable, cheapest way first.
+    ``each``: fsync them one by one, never ``syncfs`` on ``fs_fd`` (for files that may live on
+    another file system)."""
+    if not each and len(files) + len(dirs) > FSYNC_EACH_MAX:
         syncfs(fs_fd)
         return
     for f in files:

@@ -9,7 +9,9 @@ Protocol (each step durable before the next):
 3. **Intent**: ``.snapfs/intent.json`` records the target; written atomically and fsynced.
 4. **Apply**: removals, then renames from staging into place (each rename is atomic), then
    directory modes, deepest first. A final ``syncfs`` makes the renames durable.
-5. **Finish**: update the stat cache and HEAD, then remove the intent and the staging dir.
+   HEAD is committed just before it, without an fsync of its own: the WAL is fsynced with the
+   renames, so the two become durable together.
+5. **Finish**: update the stat cache, then remove the intent and the staging dir.
 
 A crash anywhere after step 3 is finished by re-running the restore to the recorded target:
 restore is "make the tree equal T", which converges from any intermediate state.
@@ -211,7 +213,14 @@ def apply_restore(
     intent: Intent,
     keep: Callable[[bytes], bool],
     progress: ProgressFn = no_progress,
+    durable_with: Callable[[], list[Path]] | None = None,
 ) -> Applied:
+    """Stage, write the intent, apply ``plan``, and make it durable (steps 2 to 4).
+
+    ``durable_with`` runs once everything is in place, before the barrier that makes it durable:
+    it may write, without syncing, what must become durable at the same moment (HEAD), and
+    returns the files to fsync for that, which the barrier then covers too.
+    """
     staging = state_dir / "staging" / intent.staging
     remove_tree(staging)
     staging.mkdir(parents=True)
@@ -238,9 +247,15 @@ def apply_restore(
         result = _apply(plan, root_fd, sfd, remover, progress, staged, store)
         # The renames durable before the intent goes away.
         parents = {os.path.dirname(op.relpath) for op in plan}
-        make_durable(
-            [], [os.path.join(bytes(root), p) if p else bytes(root) for p in parents], root_fd
-        )
+        dirs: list[str | bytes] = [
+            os.path.join(bytes(root), p) if p else bytes(root) for p in parents
+        ]
+        if durable_with is not None:
+            # These first: their fsync forces the file system's log, renames included, so the
+            # directories' fsyncs after it find little left to do (one log write, not two).
+            make_durable([os.fspath(f) for f in durable_with()], [], root_fd, each=True)
+            dirs.append(os.fspath(state_dir))  # where a file just created has its entry
+        make_durable([], dirs, root_fd)
         crash_point("restore.applied")
         return result
     finally:

@@ -220,6 +220,14 @@ class ProjectState:
         finally:
             self.db.execute("PRAGMA synchronous=FULL")
 
+    def wal_file(self) -> Path | None:
+        """The write-ahead log, or None if the database is not in WAL mode (a file system
+        without shared memory can refuse it). Once it is fsynced, with the directory that holds
+        it, every commit made so far is durable, those made under ``_synced(False)`` too (a
+        restore moves HEAD that way, then makes it durable with its renames)."""
+        mode = self.db.execute("PRAGMA journal_mode").fetchone()[0]
+        return self.path.with_name(self.path.name + "-wal") if str(mode).lower() == "wal" else None
+
     # ---- meta ---------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

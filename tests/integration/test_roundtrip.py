@@ -330,3 +330,57 @@ def test_is_racy_judges_each_timestamp_by_its_own_granularity() -> None:
     assert is_racy(st(old, 1_800_000_000_000_000_000), start)  # whole-second ctime 0.5 s ago
     assert is_racy(st(1_800_000_000_000_000_000, start - 1_000_000_000), start)  # coarse mtime
     assert not is_racy(st(1_799_999_997_000_000_000, 1_799_999_997_000_000_000), start)
+
+
+def test_restore_makes_head_durable_with_its_renames_before_the_intent_goes(
+    project: snapfs.Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEAD is committed without an fsync of its own; the WAL is fsynced with the renames'
+    barrier, and only then is the intent removed. A power cut in between must not leave the
+    intent gone but HEAD on the old snapshot."""
+    write(project.root, "f.txt", "one")
+    first = project.snapshot("one")
+    write(project.root, "f.txt", "two")
+    project.snapshot("two")
+    wal = project.state.wal_file()
+    assert wal is not None and wal.exists()
+
+    events: list[str] = []
+    real_set_meta, real_fsync, real_unlink = project.state.set_meta, os.fsync, os.unlink
+
+    def set_meta(key: str, value: str | None, *, durable: bool = True) -> None:
+        real_set_meta(key, value, durable=durable)
+        if key == "head":
+            events.append(f"head={value} durable={durable}")
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        if os.readlink(f"/proc/self/fd/{fd}") == str(wal):
+            events.append("wal fsynced")
+
+    def unlink(path: str | os.PathLike[str], *a: object, **k: object) -> None:
+        real_unlink(path, *a, **k)  # type: ignore[arg-type]
+        if os.fspath(path).endswith("intent.json"):
+            events.append("intent removed")
+
+    monkeypatch.setattr(project.state, "set_meta", set_meta)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "unlink", unlink)
+    project.restore(first.id)
+    assert events == [f"head={first.id} durable=False", "wal fsynced", "intent removed"]
+    assert (project.root / "f.txt").read_text() == "one"
+
+
+def test_restore_sets_head_on_a_database_not_in_wal_mode(project: snapfs.Project) -> None:
+    """Where SQLite runs without WAL, HEAD gets a durable commit of its own, as before."""
+    write(project.root, "f.txt", "one")
+    first = project.snapshot("one")
+    write(project.root, "f.txt", "two")
+    project.snapshot("two")
+    assert project.state.db.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete"
+    assert project.state.wal_file() is None
+    project.restore(first.id)
+    assert project.state.head == first.id
+    with snapfs.open(project.root) as again:
+        assert again.state.head == first.id
+    assert (project.root / "f.txt").read_text() == "one"
