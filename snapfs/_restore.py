@@ -253,7 +253,9 @@ def apply_restore(
         if durable_with is not None:
             # These first: their fsync forces the file system's log, renames included, so the
             # directories' fsyncs after it find little left to do (one log write, not two).
-            make_durable([os.fspath(f) for f in durable_with()], [], root_fd, each=True)
+            also = durable_with()
+            crash_point("restore.head_moved")
+            make_durable([os.fspath(f) for f in also], [], root_fd, each=True)
             dirs.append(os.fspath(state_dir))  # where a file just created has its entry
         make_durable([], dirs, root_fd)
         crash_point("restore.applied")

@@ -234,6 +234,7 @@ CASES = [
     ("restore.after_rename", "first", "target"),
     ("restore.after_rename", "50%", "target"),
     ("restore.after_rename", "last", "target"),
+    ("restore.head_moved", "first", "target"),
     ("restore.applied", "first", "target"),
     ("snapshot.objects_synced", "first", "pre"),
     ("snapshot.objects_renamed", "first", "pre"),
@@ -294,6 +295,7 @@ def test_crash_point_hit_counts_match_the_plan(tmp_path: Path) -> None:
         "restore.intent_written": 1,
         "restore.after_op": sc.plan_ops,
         "restore.after_rename": sc.renames,
+        "restore.head_moved": 1,
         "restore.applied": 1,
     }
     # The pre-restore snapshot stores new content once, through each of its durable steps.
@@ -303,8 +305,8 @@ def test_crash_point_hit_counts_match_the_plan(tmp_path: Path) -> None:
     # The protocol's order: snapshot, intent, apply, done.
     intent_at = seq.index("restore.intent_written")
     assert all(k.startswith("snapshot.") for k in seq[:intent_at])
-    assert all(k in ("restore.after_op", "restore.after_rename") for k in seq[intent_at + 1 : -1])
-    assert seq[-1] == "restore.applied"
+    assert all(k in ("restore.after_op", "restore.after_rename") for k in seq[intent_at + 1 : -2])
+    assert seq[-2:] == ["restore.head_moved", "restore.applied"]
     assert leftovers(sc.root) == []
 
 
