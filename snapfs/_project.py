@@ -806,13 +806,14 @@ class Project:
             os.getpid(),
             tuple(preserve),
         )
-        wal = self.state.wal_file()
 
         def move_head() -> list[Path]:
             # HEAD moves with the renames: committed without an fsync of its own, then made
             # durable by theirs (a crash before that finishes the restore, which sets it again).
-            self.state.set_meta("head", str(target.id), durable=False)
-            return [wal] if wal is not None else []
+            # Without WAL mode, its commit syncs itself.
+            wal = self.state.wal_file()
+            self.state.set_meta("head", str(target.id), durable=wal is None)
+            return [] if wal is None else [wal]
 
         applied = apply_restore(
             root=self.root,
@@ -822,24 +823,17 @@ class Project:
             intent=intent,
             keep=keep,
             progress=progress,
-            durable_with=move_head if wal is not None else None,
+            durable_with=move_head,
         )
-        self._finish_restore(intent, applied.puts, applied.removed, head_set=wal is not None)
+        self._finish_restore(intent, applied.puts, applied.removed)
         return plan
 
     def _finish_restore(
-        self,
-        intent: Intent,
-        puts: list[tuple[bytes, Any]],
-        removed: Iterable[bytes],
-        *,
-        head_set: bool,
+        self, intent: Intent, puts: list[tuple[bytes, Any]], removed: Iterable[bytes]
     ) -> None:
         # A cached path is gone if it or any of its parents was removed.
         gone = self.state.file_records().under(removed) if removed else set()
         self.state.update_cache(puts, gone - {p for p, _ in puts})
-        if not head_set:  # a database not in WAL mode: HEAD with a commit of its own
-            self.state.set_meta("head", str(intent.target))
         from ._restore import finish
 
         finish(self.state_dir, intent)

@@ -255,8 +255,9 @@ def apply_restore(
             # directories' fsyncs after it find little left to do (one log write, not two).
             also = durable_with()
             crash_point("restore.head_moved")
-            make_durable([os.fspath(f) for f in also], [], root_fd, each=True)
-            dirs.append(os.fspath(state_dir))  # where a file just created has its entry
+            if also:
+                make_durable([os.fspath(f) for f in also], [], root_fd, each=True)
+                dirs.append(os.fspath(state_dir))  # where a file just created has its entry
         make_durable([], dirs, root_fd)
         crash_point("restore.applied")
         return result
