@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # `python benchmarks/download.py`: make the packa
 
 from benchmarks import genproject, report
 from benchmarks.run import FS_KINDS, filesystem, log
-from benchmarks.tools import Snapfs, _which_reason
+from benchmarks.tools import Snapfs, _which_reason, loop_mode
 from tests.faultserver import Corrupt, FaultServer, ResetEvery, Stall, Status, Throttle
 
 PATH = "/model.safetensors"
@@ -432,6 +432,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     ap.add_argument(
+        "--buffered-loop",
+        action="store_true",
+        help="leave loop devices buffered, as `mount -o loop` makes them (default: direct I/O, "
+        "so that data written back early reaches the disk as it would on a real one)",
+    )
+    ap.add_argument(
         "--fs",
         choices=FS_KINDS,
         default="main",
@@ -479,7 +485,9 @@ def main(argv: list[str] | None = None) -> None:
     top = Path(tempfile.mkdtemp(prefix="snapfs-dl-bench-", dir=args.workdir))
     try:
         # Room for the source, one download and the partial it replaces, and a margin.
-        with filesystem(args.fs, top, 0, size=3 * args.size + (512 << 20)) as workdir:
+        size = 3 * args.size + (512 << 20)
+        with filesystem(args.fs, top, 0, size, direct=not args.buffered_loop) as workdir:
+            results["loop"] = loop_mode(workdir)
             errors = _measure(args, tools, sched, results, workdir)
     finally:
         shutil.rmtree(top, ignore_errors=True)
@@ -541,7 +549,8 @@ def _measure(
 def header(args: argparse.Namespace, sched: Schedule, results: dict[str, Any]) -> str:
     versions = "; ".join(f"{k}: {v}" for k, v in results["versions"].items())
     return (
-        f"## download, {args.size / report.MB:.0f} MB, repeat {args.repeat}, on {args.fs}\n\n"
+        f"## download, {args.size / report.MB:.0f} MB, repeat {args.repeat}, on {args.fs}"
+        f"{f' (loop device: {loop})' if (loop := results.get('loop')) else ''}\n\n"
         f"faults scenario: a reset every {sched.reset_every / report.MB:.0f} MB served, "
         f"a {sched.stall_seconds:g} s stall at offset {sched.stall_at}, a 503 (Retry-After: 1) "
         f"on request #{sched.status_503_request}; the bad mirror flips "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from benchmarks.tools import loop_note
+
 # (key in a run's "times" dict, row label); order = table order.
 TIME_METRICS: list[tuple[str, str]] = [
     ("init", "init (s)"),
@@ -128,7 +130,8 @@ def fs_report(
     return "\n\n".join(
         [
             (
-                f"## {fs}  (scale {info['scale']}, repeat {info['repeat']}, {info['entries']} entries, "
+                f"## {fs}{loop_note(info)}  (scale {info['scale']}, repeat {info['repeat']}, "
+                f"{info['entries']} entries, "
                 f"{info['bytes'] / MB:.0f} MB; warm page cache: each tool's copy is read once, untimed, "
                 "before timing; caches are never dropped)"
             ),

@@ -32,7 +32,18 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package im
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import genproject, report, treecheck, txn
-from benchmarks.tools import ALL_TOOLS, CmdError, Snapfs, Tool, Unsupported, fs_used_bytes, run
+from benchmarks.tools import (
+    ALL_TOOLS,
+    LOOP_MODES,
+    CmdError,
+    Snapfs,
+    Tool,
+    Unsupported,
+    direct_io,
+    fs_used_bytes,
+    loop_mode,
+    run,
+)
 
 FS_KINDS = ["main", "ext4-loop", "xfs-loop"]
 SUITES = ["core", "txn"]
@@ -50,10 +61,13 @@ def log(msg: str) -> None:
 
 
 @contextmanager
-def filesystem(kind: str, workdir: Path, scale: float, size: int | None = None) -> Iterator[Path]:
+def filesystem(
+    kind: str, workdir: Path, scale: float, size: int | None = None, *, direct: bool = True
+) -> Iterator[Path]:
     """Yield a fresh directory on the requested filesystem; unmount/remove it afterwards.
 
-    A loop image is sized for the core benchmark at ``scale``, or ``size`` bytes if given.
+    A loop image is sized for the core benchmark at ``scale``, or ``size`` bytes if given. Its
+    device is switched to direct I/O (see ``tools.direct_io``) unless ``direct`` is False.
     """
     if kind == "main":
         base = workdir / "main"
@@ -80,6 +94,10 @@ def filesystem(kind: str, workdir: Path, scale: float, size: int | None = None) 
         run([*mkfs, str(img)])
         run(["mount", "-o", "loop", str(img), str(mnt)])
         mounted = True
+        if not direct:
+            LOOP_MODES[str(mnt)] = "buffered"
+        elif not direct_io(mnt):
+            log(f"{mnt}: the loop device stays buffered (direct I/O refused): fsyncs are lumpy")
         yield mnt
     finally:
         if mounted:
@@ -291,6 +309,7 @@ def bench_fs(fs: str, base: Path, pristine: Path, args: argparse.Namespace) -> d
         "repeat": args.repeat,
         "entries": floors["walk"]["entries"],
         "bytes": floors["walk"]["bytes"],
+        "loop": loop_mode(base),
     }
     tools = select_tools(args.peers, fs)
     runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in tools}
@@ -341,6 +360,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma list from {DEFAULT_PEERS} (aliases: cp, reflink); 'none' for snapfs only",
     )
     ap.add_argument("--out", type=Path, default=Path("results.json"))
+    ap.add_argument(
+        "--buffered-loop",
+        action="store_true",
+        help="leave loop devices buffered, as `mount -o loop` makes them (default: direct I/O, "
+        "so that data written back early reaches the disk as it would on a real one)",
+    )
     ap.add_argument(
         "--workdir",
         type=Path,
@@ -400,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     try:
         for fs in FS_KINDS if args.fs == "all" else [args.fs]:
-            with filesystem(fs, workdir, args.scale) as base:
+            with filesystem(fs, workdir, args.scale, direct=not args.buffered_loop) as base:
                 pristine = make_pristine(fs, base, args.scale)
                 done: dict[str, Any] = {}
                 results["filesystems"][fs] = done

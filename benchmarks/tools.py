@@ -62,6 +62,47 @@ def fs_used_bytes(path: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
+def direct_io(mnt: Path) -> bool:
+    """Switch the loop device under ``mnt`` to direct I/O, so that it behaves like a disk.
+
+    A buffered loop device writes into its image file's page cache: data written back early
+    (``sync_file_range``) never reaches the disk, and the first fsync or flush then writes
+    everything at once. A tool that spreads its write-out over a download would pay for the
+    whole file at its final fdatasync, as if it had not. With direct I/O a write-out goes to the
+    disk as it is issued. Where the kernel refuses (an image on a filesystem without O_DIRECT),
+    the device stays buffered and this returns False; ``loop_mode`` says which it was.
+    """
+    dev = subprocess.run(
+        ["findmnt", "-no", "SOURCE", str(mnt)], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    flag = Path("/sys/block") / Path(dev).name / "loop" / "dio"
+    if dev.startswith("/dev/loop"):
+        subprocess.run(["losetup", "--direct-io=on", dev], capture_output=True, check=False)
+    try:
+        on = flag.read_text().strip() == "1"
+    except OSError:
+        on = False
+    LOOP_MODES[str(mnt)] = "direct I/O" if on else "buffered"
+    return on
+
+
+LOOP_MODES: dict[str, str] = {}  # mount point -> "direct I/O" or "buffered"
+
+
+def loop_mode(path: Path) -> str | None:
+    """How the loop device holding ``path`` writes: "direct I/O", "buffered", or None."""
+    for mnt, mode in LOOP_MODES.items():
+        if path == Path(mnt) or Path(mnt) in path.parents:
+            return mode
+    return None
+
+
+def loop_note(info: dict[str, Any]) -> str:
+    """A report header's note on a loop mount's device (``info["loop"]``); "" elsewhere."""
+    mode = info.get("loop")
+    return f", loop device: {mode}" if mode else ""
+
+
 class Tool(ABC):
     name: str = ""
     # Metadata dir the tool keeps inside the project (excluded when sizing the project itself).

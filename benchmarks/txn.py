@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import genproject, treecheck
-from benchmarks.tools import CmdError, Git, Snapfs, run, snapfs_cli, watching
+from benchmarks.tools import (
+    CmdError,
+    Git,
+    Snapfs,
+    loop_mode,
+    loop_note,
+    run,
+    snapfs_cli,
+    watching,
+)
 
 HERE = Path(__file__).resolve().parent
 FLOORS_SCRIPT = HERE / "floors.py"
@@ -201,7 +210,12 @@ def bench_txn(fs: str, base: Path, pristine: Path, args: Any) -> dict[str, Any]:
             res["watch"] = info
     finally:
         shutil.rmtree(area, ignore_errors=True)
-    info_line = {"scale": args.scale, "repeat": args.txn_repeat, "rollbacks": args.txn_rollbacks}
+    info_line = {
+        "scale": args.scale,
+        "repeat": args.txn_repeat,
+        "rollbacks": args.txn_rollbacks,
+        "loop": loop_mode(area),
+    }
     print("\n" + txn_report(fs, info_line, res) + "\n", flush=True)
     return res
 
@@ -401,7 +415,7 @@ def txn_report(fs: str, info: dict[str, Any], res: dict[str, Any]) -> str:
     res["summary"], res["targets"] = s, targets(s)
     peers = res.get("peers", {})
     head = (
-        f"## {fs}: transactions  (scale {info['scale']}, median of {info['repeat']}, rollback "
+        f"## {fs}{loop_note(info)}: transactions  (scale {info['scale']}, median of {info['repeat']}, rollback "
         f"median of {info['rollbacks']}, {peers.get('entries', '?')} entries, "
         f"{peers.get('bytes', 0) / 1e6:.0f} MB; warm page cache; in-process = timed inside a "
         "driver process that imported snapfs and opened the project)"
