@@ -72,14 +72,14 @@ def direct_io(mnt: Path) -> bool:
     disk as it is issued. Where the kernel refuses (an image on a filesystem without O_DIRECT),
     the device stays buffered and this returns False; ``loop_mode`` says which it was.
     """
-    dev = subprocess.run(
-        ["findmnt", "-no", "SOURCE", str(mnt)], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    flag = Path("/sys/block") / Path(dev).name / "loop" / "dio"
-    if dev.startswith("/dev/loop"):
+    try:  # (util-linux: findmnt and losetup; either missing leaves the device as it is)
+        dev = subprocess.run(
+            ["findmnt", "-no", "SOURCE", str(mnt)], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        if not dev.startswith("/dev/loop"):
+            return False  # not a loop mount: nothing to switch, nothing to report
         subprocess.run(["losetup", "--direct-io=on", dev], capture_output=True, check=False)
-    try:
-        on = flag.read_text().strip() == "1"
+        on = (Path("/sys/block") / Path(dev).name / "loop" / "dio").read_text().strip() == "1"
     except OSError:
         on = False
     LOOP_MODES[str(mnt)] = "direct I/O" if on else "buffered"
