@@ -76,6 +76,31 @@ def _running(pid: int, start: str) -> bool:
     return bool(now) and (not start or now == start)
 
 
+RUN_TOKEN_VAR = "SNAPFS_RUN_TOKEN"  # in the environment of a command `snapfs run` starts
+
+
+def _token_alive(token: str) -> bool:
+    """Is a process running whose environment carries ``RUN_TOKEN_VAR=token``?
+
+    The command `snapfs run` started is known by this until its pid is recorded: if snapfs is
+    killed in between, its command may already be running (and changing the tree).
+    """
+    needle = f"{RUN_TOKEN_VAR}={token}".encode()
+    try:
+        pids = [d for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:  # no /proc: the owner's own pid is all there is to go by
+        return False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if needle in env.split(b"\0") and _proc_start(int(pid)):
+            return True
+    return False
+
+
 # A NamedTuple, not a frozen dataclass: defining one costs every command ~0.4 ms at import.
 class Owner(NamedTuple):
     """The process that owns an open transaction."""
@@ -88,6 +113,9 @@ class Owner(NamedTuple):
     # over, even if the snapfs process that started it was killed.
     child: int = 0
     child_start: str = ""
+    # Set by snapfs run before it starts its command, which gets it in RUN_TOKEN_VAR: the
+    # command counts as alive while not yet recorded in ``child`` (see ``alive``).
+    token: str = ""
 
     @classmethod
     def current(cls) -> Owner:
@@ -95,7 +123,7 @@ class Owner(NamedTuple):
         return cls(pid, _hostname(), _boot_id(), _proc_start(pid))
 
     def with_child(self, pid: int) -> Owner:
-        return Owner(self.pid, self.host, self.boot_id, self.start, pid, _proc_start(pid))
+        return self._replace(child=pid, child_start=_proc_start(pid))
 
     @classmethod
     def parse(cls, text: str) -> Owner:
@@ -108,6 +136,7 @@ class Owner(NamedTuple):
                 str(d["start"]),
                 int(d.get("child", 0)),
                 str(d.get("child_start", "")),
+                str(d.get("token", "")),
             )
         except (ValueError, KeyError, TypeError):
             return cls(0, "", "", "")  # unreadable owner: treated as dead on this host
@@ -121,9 +150,12 @@ class Owner(NamedTuple):
             return True
         if not self.pid or (self.boot_id and self.boot_id != _boot_id()):
             return False
-        return _running(self.pid, self.start) or (
-            bool(self.child) and _running(self.child, self.child_start)
-        )
+        if _running(self.pid, self.start):
+            return True
+        if self.child:
+            return _running(self.child, self.child_start)
+        # Killed between starting its command and recording it: the command has the token.
+        return bool(self.token) and _token_alive(self.token)
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host or 'unknown host'}"
@@ -165,6 +197,7 @@ class Transaction:
         self._journal: Journal | WatchView | None = None
         self._since = 0
         self.journal_note = ""  # why the journal could not be used, if it couldn't
+        self._owner_token = ""  # snapfs run: the token its command will carry (see Owner)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def __enter__(self) -> Transaction:
@@ -209,7 +242,7 @@ class Transaction:
             label=self.label,
             parent=parent,
             checkpoint=self.checkpoint.id,
-            owner=Owner.current().dumps(),
+            owner=Owner.current()._replace(token=self._owner_token).dumps(),
             preserve=json.dumps(list(self.preserve)),
         )
         crash_point("txn.begun")
@@ -557,6 +590,11 @@ def run_command(
         preserve=preserve,
         progress=progress,
     )
+    # The command is known by a token from the start: snapfs may be killed after starting it
+    # but before recording its pid, and recovery must not roll back under it meanwhile.
+    token = os.urandom(8).hex()
+    tx._owner_token = token
+    env = {**os.environ, RUN_TOKEN_VAR: token}
     tx.begin()
     assert tx.id is not None
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -578,14 +616,16 @@ def run_command(
         signal.signal(s, forward)
     try:
         try:
-            child = subprocess.Popen(list(argv), cwd=cwd)
+            child = subprocess.Popen(list(argv), cwd=cwd, env=env)
         except OSError as exc:
             undone = tx.rollback(error=f"could not start {argv[0]}: {exc.strerror}")
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             return RunResult(code, True, undone, tx.id, f"Could not run {argv[0]}: {exc.strerror}.")
+        crash_point("run.spawned")
         # Record the command as part of the owner: if only snapfs is killed, recovery must not
         # roll the tree back under a command that is still running.
-        project.state.set_txn_owner(tx.id, Owner.current().with_child(child.pid).dumps())
+        owner = Owner.current()._replace(token=token).with_child(child.pid)
+        project.state.set_txn_owner(tx.id, owner.dumps())
         for signum in early:
             child.send_signal(signum)
         rc = child.wait()

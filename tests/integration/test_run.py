@@ -422,3 +422,71 @@ def test_a_command_outliving_a_killed_snapfs_run_is_not_rolled_back_under(tmp_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.crash
+def test_snapfs_killed_before_recording_its_command_does_not_roll_back_under_it(
+    tmp_path: Path,
+) -> None:
+    """SIGKILLed just after starting the command, before its pid is in the owner record: the
+    command is known by the token in its environment, so the tree is left alone while it runs,
+    and rolled back once it has ended. (Without the token, the next command rolled back under
+    the running command: the race test_a_command_outliving_... hit on a loaded machine.)"""
+    root = tmp_path / "proj"
+    root.mkdir()
+    write(root, "base.txt", "base")
+    assert run_cli("-C", str(root), "init").returncode == 0
+    before = tree_state(root)
+    go, started = tmp_path / "go", tmp_path / "started"
+    script = (
+        f'[ -n "$SNAPFS_RUN_TOKEN" ] && touch {started}; echo partial > {root}/partial.txt;'
+        f" while [ ! -e {go} ]; do sleep 0.05; done"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SNAPFS_STORE"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snapfs", "-C", str(root), "run", "--", "sh", "-c", script],
+        stderr=subprocess.DEVNULL,
+        env={**env, "SNAPFS_CRASH_AT": "run.spawned"},
+    )
+    try:
+        assert proc.wait(30) == -signal.SIGKILL  # killed at the crash point, the command running
+        wait_for(lambda: (root / "partial.txt").exists(), "the command to write")
+        assert started.exists()  # the command saw its token
+        with snapfs.open(root) as p:
+            rows = p.state.txns(status="open")
+        assert len(rows) == 1 and json.loads(rows[0].owner)["child"] == 0  # pid never recorded
+        for _ in range(2):
+            r = run_cli("-C", str(root), "status")
+            assert r.returncode == 0, r.stderr
+            assert (root / "partial.txt").exists()  # the command is alive: nothing rolled back
+        go.touch()
+
+        def rolled_back() -> bool:
+            run_cli("-C", str(root), "status")
+            return tree_state(root) == before
+
+        wait_for(rolled_back, "recovery after the command ended")
+    finally:
+        go.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_an_owner_with_a_token_lives_while_a_process_carries_it() -> None:
+    """Owner.alive: a dead owner with no child recorded is alive exactly while a process whose
+    environment holds its token runs; once a child is recorded, only that child counts."""
+    from snapfs._txn import RUN_TOKEN_VAR, Owner
+
+    token = os.urandom(8).hex()
+    dead = Owner.current()._replace(pid=2**22 + 12345, start="1", token=token)
+    assert not dead.alive()  # nobody carries the token yet
+    holder = subprocess.Popen(["sleep", "30"], env={**os.environ, RUN_TOKEN_VAR: token})
+    try:
+        wait_for(lambda: dead.alive(), "the token's holder to be seen")
+        assert not dead._replace(token=os.urandom(8).hex()).alive()  # another token: dead
+        assert not dead.with_child(2**22 + 12346).alive()  # a recorded child is what counts
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not dead.alive()  # the holder is gone (reaped): dead again
