@@ -1071,19 +1071,22 @@ class _HTTPServer(ThreadingHTTPServer):
         # must join them all on close (the test suite fails on leaked threads).
         owner = self.owner
         with owner._lock:
-            if owner._closing.is_set():
-                self.shutdown_request(request)
-                return
-            owner._threads = [t for t in owner._threads if t.is_alive()]
-            owner._conns.add(request)
-            t = threading.Thread(
-                target=self.process_request_thread,
-                args=(request, client_address),
-                name=f"faultserver:{self.server_port}:conn:{client_address[1]}",
-                daemon=True,
-            )
-            owner._threads.append(t)
-            t.start()
+            closing = owner._closing.is_set()
+            if not closing:
+                owner._threads = [t for t in owner._threads if t.is_alive()]
+                owner._conns.add(request)
+                t = threading.Thread(
+                    target=self.process_request_thread,
+                    args=(request, client_address),
+                    name=f"faultserver:{self.server_port}:conn:{client_address[1]}",
+                    daemon=True,
+                )
+                owner._threads.append(t)
+                t.start()
+        # Outside the lock: shutdown_request takes it too, and it is not reentrant (a connection
+        # accepted while close() ran deadlocked the accept thread, and close() with it).
+        if closing:
+            self.shutdown_request(request)
 
     def shutdown_request(self, request: Any) -> None:
         with self.owner._lock:

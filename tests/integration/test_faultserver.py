@@ -584,3 +584,20 @@ def test_a_str_content_is_refused_with_a_message_that_says_what_to_pass(srv: Fau
     with pytest.raises(TypeError, match=r"bytes or a pathlib.Path, not a str"):
         srv.add("/named", "models/x.bin")  # type: ignore[arg-type]
     assert requests.get(srv.url("/named"), timeout=10).status_code == 404
+
+
+def test_a_connection_accepted_while_closing_is_dropped_without_deadlock() -> None:
+    """close() sets the closing flag before it stops the accept loop: a connection accepted in
+    between is shut at once. That took the server's lock twice and hung close() for good."""
+    s = FaultServer().start()
+    a, b = socket.socketpair()
+    s._closing.set()
+    t = threading.Thread(target=s._httpd.process_request, args=(a, ("127.0.0.1", 1)), daemon=True)
+    t.start()
+    t.join(10)
+    # (If it deadlocked, its lock stays held and close() would hang too: leave the server.)
+    assert not t.is_alive(), "process_request deadlocked while the server was closing"
+    assert b.recv(1) == b""  # the accepted connection was shut
+    b.close()
+    s._closing.clear()
+    s.close()
