@@ -34,7 +34,6 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package im
 from benchmarks import genproject, report, treecheck, txn
 from benchmarks.tools import (
     ALL_TOOLS,
-    LOOP_MODES,
     CmdError,
     Snapfs,
     Tool,
@@ -94,9 +93,7 @@ def filesystem(
         run([*mkfs, str(img)])
         run(["mount", "-o", "loop", str(img), str(mnt)])
         mounted = True
-        if not direct:
-            LOOP_MODES[str(mnt)] = "buffered"
-        elif not direct_io(mnt):
+        if not direct_io(mnt, enable=direct) and direct:
             log(f"{mnt}: the loop device stays buffered (direct I/O refused): fsyncs are lumpy")
         yield mnt
     finally:

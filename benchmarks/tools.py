@@ -62,8 +62,9 @@ def fs_used_bytes(path: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
-def direct_io(mnt: Path) -> bool:
-    """Switch the loop device under ``mnt`` to direct I/O, so that it behaves like a disk.
+def direct_io(mnt: Path, enable: bool = True) -> bool:
+    """Switch the loop device under ``mnt`` to direct I/O, so that it behaves like a disk
+    (``enable=False``: leave it buffered, and only record that it is).
 
     A buffered loop device writes into its image file's page cache: data written back early
     (``sync_file_range``) never reaches the disk, and the first fsync or flush then writes
@@ -78,7 +79,8 @@ def direct_io(mnt: Path) -> bool:
         ).stdout.strip()
         if not dev.startswith("/dev/loop"):
             return False  # not a loop mount: nothing to switch, nothing to report
-        subprocess.run(["losetup", "--direct-io=on", dev], capture_output=True, check=False)
+        if enable:
+            subprocess.run(["losetup", "--direct-io=on", dev], capture_output=True, check=False)
         on = (Path("/sys/block") / Path(dev).name / "loop" / "dio").read_text().strip() == "1"
     except OSError:
         on = False

@@ -388,6 +388,24 @@ def test_run_without_a_command_is_a_usage_error(
     assert log_json(root) == []
 
 
+def _wait_for_rollback(root: Path, before: TreeState) -> None:
+    """Run `status` until its recovery has put the tree back to ``before``."""
+
+    def rolled_back() -> bool:
+        run_cli("-C", str(root), "status")
+        return tree_state(root) == before
+
+    wait_for(rolled_back, "recovery after the command ended")
+
+
+def _release(proc: subprocess.Popen[bytes], go: Path) -> None:
+    """Let an orphaned command end (it waits for ``go``), and reap snapfs run if it lives."""
+    go.touch()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.crash
 def test_a_command_outliving_a_killed_snapfs_run_is_not_rolled_back_under(tmp_path: Path) -> None:
     """Only snapfs run is SIGKILLed: its command still runs, so the transaction is still live.
@@ -411,17 +429,9 @@ def test_a_command_outliving_a_killed_snapfs_run_is_not_rolled_back_under(tmp_pa
         assert r.returncode == 0, r.stderr
         assert (root / "partial.txt").exists()  # the command is alive: nothing rolled back
         go.touch()  # let the orphaned command finish
-
-        def rolled_back() -> bool:
-            run_cli("-C", str(root), "status")
-            return tree_state(root) == before
-
-        wait_for(rolled_back, "recovery after the command ended")
+        _wait_for_rollback(root, before)
     finally:
-        go.touch()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _release(proc, go)
 
 
 @pytest.mark.crash
@@ -460,17 +470,9 @@ def test_snapfs_killed_before_recording_its_command_does_not_roll_back_under_it(
             assert r.returncode == 0, r.stderr
             assert (root / "partial.txt").exists()  # the command is alive: nothing rolled back
         go.touch()
-
-        def rolled_back() -> bool:
-            run_cli("-C", str(root), "status")
-            return tree_state(root) == before
-
-        wait_for(rolled_back, "recovery after the command ended")
+        _wait_for_rollback(root, before)
     finally:
-        go.touch()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _release(proc, go)
 
 
 def test_an_owner_with_a_token_lives_while_a_process_carries_it() -> None:
