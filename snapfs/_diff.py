@@ -64,15 +64,23 @@ _RECORDS: dict[Oid, dict[bytes, bytes]] = {}
 
 
 def load_records(load: TreeLoader, oid: Oid) -> dict[bytes, bytes]:
+    got = cached_records(load, oid)
+    if got is None:
+        raise StateCorrupt(
+            f"Tree {oid.hex()} is missing from the snapfs state.",
+            hint="Run 'snapfs verify' to see which snapshots are affected.",
+        )
+    return got
+
+
+def cached_records(load: TreeLoader, oid: Oid) -> dict[bytes, bytes] | None:
+    """:func:`load_records`, with None for a tree ``load`` doesn't have."""
     got = _RECORDS.get(oid)
     if got is not None:
         return got
     data = load(oid)
     if data is None:
-        raise StateCorrupt(
-            f"Tree {oid.hex()} is missing from the snapfs state.",
-            hint="Run 'snapfs verify' to see which snapshots are affected.",
-        )
+        return None
     got = records(data)
     if len(_RECORDS) >= _DECODED_MAX:
         _RECORDS.clear()

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import _pscan
+from ._diff import cached_records
 from ._errors import ProjectPathError, SnapfsError, UnsafePath, from_oserror
 from ._fsops import DIR_FLAGS, READ_FLAGS, open_parent, stat_changed
 from ._hashing import Oid, hash_bytes, hash_fd, read_all, unread_oid
@@ -40,7 +41,7 @@ from ._index import (
 from ._objects import IngestBatch, Ingested
 from ._pscan import record_matches, stat_key
 from ._threads import executor
-from ._tree import Entry, Kind, decode, encode, tree_oid
+from ._tree import Entry, Kind, decode_record, encode, tree_oid
 
 __all__ = ["RACY_NS"]  # re-exported: restore and place wait out the same window
 
@@ -317,14 +318,15 @@ def scan(
     use_dirs = dirs is not None and hint is None
     get_dir = (dirs or {}).get
 
-    def base_entries(rel: bytes) -> dict[bytes, Entry]:
+    def base_entries(rel: bytes) -> dict[bytes, bytes]:
+        """The raw records by name (``_tree.records``) of ``rel`` in the hint's base: the
+        diff that follows a journal-guided scan reads the same trees from the same cache."""
         # Also for a directory the journal saw created: deleted and made again, it may hold
         # what the base held (a subtree is reused only where the journal saw nothing).
         oid = base_of.get(rel)
         if hint is None or oid is None:
             return {}
-        data = hint.load(oid)
-        return {e.name: e for e in decode(data)} if data is not None else {}
+        return cached_records(hint.load, oid) or {}
 
     def work(fd: int, st: os.stat_result, link_src: tuple[int, bytes] | None) -> Ingested:
         try:
@@ -398,7 +400,8 @@ def scan(
                     if check_ignore and ignore(relpath + b"/"):
                         continue
                     if hint is not None:
-                        old = base.get(name)
+                        raw = base.get(name)
+                        old = decode_record(raw) if raw is not None else None
                         if old is not None and old.kind == Kind.DIR:
                             if (
                                 not hint.everything
@@ -449,7 +452,7 @@ def scan(
             list_files(fd, rel, d, base)
         return descend_into
 
-    def list_files(fd: int, rel: bytes, d: _Dir, base: dict[bytes, Entry]) -> None:
+    def list_files(fd: int, rel: bytes, d: _Dir, base: dict[bytes, bytes]) -> None:
         """Each regular file of a directory: from the stat cache, hashed inline, or pooled.
         ``base`` is the directory's entries in the hint's base tree (empty without a hint)."""
         nonlocal pool, counter, nbytes, known

@@ -445,6 +445,53 @@ def test_mark_after_stop_and_stop_is_idempotent(journal: Journal) -> None:
     assert not [t.name for t in threading.enumerate() if t.name.startswith("snapfs-journal")]
 
 
+def _inotify_fds() -> list[str]:
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                fds.append(fd)
+        except OSError:  # the listing's own descriptor, closed since
+            pass
+    return fds
+
+
+def test_stop_closes_the_inotify_instance_without_removing_each_watch(
+    root: Path, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing the descriptor drops every watch in the kernel; removing them one by one first
+    only cost a transaction's end time (an inotify_rm_watch and bookkeeping per folder)."""
+    from watchdog.observers import inotify_c
+
+    for i in range(30):
+        (root / f"d{i}" / "sub").mkdir(parents=True)
+    before = _inotify_fds()
+    removed: list[int] = []
+    real = inotify_c.inotify_rm_watch
+
+    def counting(fd: int, wd: int) -> int:
+        removed.append(wd)
+        return real(fd, wd)
+
+    monkeypatch.setattr(inotify_c, "inotify_rm_watch", counting)
+    j = Journal(root, db)
+    since = j.start()
+    assert len(_inotify_fds()) == len(before) + 1
+    (root / "d3" / "sub" / "f").write_bytes(b"x")
+    try:
+        assert ("created", b"d3/sub/f", None, False) in kinds(j, since, j.mark())
+    finally:
+        j.stop()
+    assert removed == []
+    assert _inotify_fds() == before  # the instance is gone, and its watches with it
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("snapfs-journal")]
+    # A journal started afterwards watches the same folders afresh.
+    with Journal(root, db) as again:
+        s = again.start()
+        (root / "d7" / "sub" / "g").write_bytes(b"y")
+        assert ("created", b"d7/sub/g", None, False) in kinds(again, s, again.mark())
+
+
 def test_mark_fails_cleanly_when_the_observer_dies(root: Path, journal: Journal) -> None:
     s0 = journal.start()
     backend = journal._backend  # simulate the watchdog threads dying behind the journal's back
