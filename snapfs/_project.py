@@ -10,10 +10,9 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from ._restore import Intent, Op
@@ -72,8 +71,9 @@ _DURATION = r"^(\d+)\s*([smhdw])$"
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-@dataclass(frozen=True)
-class SnapshotInfo:
+# NamedTuples, not frozen dataclasses: every command imports this module, and `import
+# dataclasses` costs ~12 ms (it imports inspect), plus ~1 ms per class defined.
+class SnapshotInfo(NamedTuple):
     """A snapshot as users see it. ``id`` is the number they type."""
 
     id: int
@@ -103,13 +103,12 @@ class SnapshotInfo:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        d = self._asdict()
         d["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.created))
         return d
 
 
-@dataclass(frozen=True)
-class RestoreResult:
+class RestoreResult(NamedTuple):
     target: int
     pre_restore: int | None  # the snapshot that undoes this restore
     plan: list[Op]
@@ -117,27 +116,24 @@ class RestoreResult:
     dry_run: bool = False
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     kind: str  # missing, corrupt, tampered, tree
     oid: str
     message: str
     paths: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class VerifyReport:
+class VerifyReport(NamedTuple):
     objects: int
     trees: int
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[Problem]
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-@dataclass(frozen=True)
-class GcReport:
+class GcReport(NamedTuple):
     deleted_snapshots: list[int]
     objects: int
     trees: int

@@ -224,7 +224,7 @@ def verify(c: Ctx, as_json: bool) -> None:
                     "ok": rep.ok,
                     "objects": rep.objects,
                     "trees": rep.trees,
-                    "problems": [pr.__dict__ for pr in rep.problems],
+                    "problems": [pr._asdict() for pr in rep.problems],
                 }
             )
         )
@@ -251,7 +251,7 @@ def gc(
     with c.open() as p:
         rep = p.gc(keep_last=keep_last, keep_within=keep_within, dry_run=dry_run)
     if as_json:
-        click.echo(json.dumps(rep.__dict__))
+        click.echo(json.dumps(rep._asdict()))
         return
     ids = rep.deleted_snapshots
     snaps = f"snapshots {', '.join(map(str, ids))}" if ids else "no snapshots"
