@@ -227,8 +227,9 @@ class FileRecords:
         out_records: list[bytes | memoryview] = []
         start = 0
         for i in sorted(edits.keys() | inserts.keys()):
-            out_paths += paths[start:i]
-            out_records.append(records[start * size : i * size])
+            if i > start:  # (a removed folder's files are a run of positions: nothing between)
+                out_paths += paths[start:i]
+                out_records.append(records[start * size : i * size])
             for p in inserts.get(i, ()):
                 out_paths.append(p)
                 out_records.append(added[p])

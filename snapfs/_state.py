@@ -313,13 +313,19 @@ class ProjectState:
             rules, new_dirs = old.rules, old.dirs
             if new_dirs and (updates or deletes):
                 new_dirs = dict(new_dirs)
-                for p in [*deletes, *(p for p, _ in updates)]:
-                    while p:
-                        p = p.rpartition(b"/")[0]
+                # Each folder once: a restore that removed a 2k-file plugin has 2k paths in
+                # a few folders, each of which walked up to the root on its own.
+                seen: set[bytes] = set()
+                for p in {p.rpartition(b"/")[0] for p in [*deletes, *(p for p, _ in updates)]}:
+                    while p not in seen:
+                        seen.add(p)
                         if p in new_dirs:
                             del new_dirs[p]
                         elif p in old.dirs:
                             break  # dropped earlier, with every directory above it
+                        if not p:
+                            break
+                        p = p.rpartition(b"/")[0]
         if not updates and not deletes and rules == old.rules and new_dirs == old.dirs:
             return
         files = old.files.merged(updates, deletes)

@@ -171,6 +171,27 @@ def test_placing_a_file_drops_the_records_above_it(project: snapfs.Project, tmp_
     assert project.status().modified == ["models/x/a.bin"]
 
 
+def test_removing_many_files_drops_exactly_the_records_above_them(project: snapfs.Project) -> None:
+    """Paths sharing folders, one walk stopping where an earlier one dropped the records
+    above it: every folder above a removed file loses its record, and no other does."""
+    root = project.root
+    for i in range(30):
+        write(root, f"a/b/c/f{i}.txt", str(i))
+    write(root, "a/b/g.txt", "g")
+    write(root, "a/d/e/h.txt", "h")
+    write(root, "a/d/k.txt", "k")
+    write(root, "x/y.txt", "y")
+    _, recs = _tree(project)
+    assert {b"", b"a", b"a/b", b"a/b/c", b"a/d", b"a/d/e", b"x"} <= set(recs)
+    gone = [f"a/b/c/f{i}.txt".encode() for i in range(30)] + [b"a/b/g.txt", b"a/d/e/h.txt"]
+    project.state.update_cache([], gone)
+    left = set(_records(project))
+    assert not {b"", b"a", b"a/b", b"a/b/c", b"a/d", b"a/d/e"} & left
+    assert b"x" in left
+    assert project.state.file_records().get(b"a/d/k.txt") is not None
+    assert all(project.state.file_records().get(p) is None for p in gone)
+
+
 def test_a_placed_model_is_trusted_and_a_small_file_is_rechecked(
     project: snapfs.Project, tmp_path: Path
 ) -> None:

@@ -60,6 +60,21 @@ def test_merged_matches_a_dict(start, deletes, updates, data, tmp_path_factory) 
         assert load_index(reread).files.get(p) == e
 
 
+def test_merged_drops_a_run_of_paths_and_inserts_beside_it(tmp_path: Path) -> None:
+    """A removed folder's files are a run of neighbouring positions."""
+    start = {b"a/%03d" % i: _entry(i) for i in range(50)}
+    start.update({b"b/%03d" % i: _entry(100 + i) for i in range(50)})
+    start[b"c"] = _entry(999)
+    run = [b"b/%03d" % i for i in range(50)]
+    updates = [(b"b/new", _entry(7)), (b"a/010", _entry(8)), (b"0", _entry(9))]
+    got = _loaded(start, tmp_path).merged(updates, run + [b"a/049"])
+    want = {k: v for k, v in start.items() if k not in run and k != b"a/049"}
+    want.update(updates)
+    assert got.data() == want and list(got) == sorted(want)
+    save_index(tmp_path / "again", got)
+    assert load_index(tmp_path / "again").files.data() == want
+
+
 def test_lookups_unpack_one_record_until_most_are_asked_for(tmp_path: Path) -> None:
     files = {f"d/f{i:03}".encode(): _entry(i) for i in range(100)}
     records = _loaded(files, tmp_path)
