@@ -39,6 +39,9 @@ class _Lists:
 
     __hash__ = None  # type: ignore[assignment]  # its lists are not hashable
 
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:  # pickle and copy, through __init__
+        return type(self), tuple(getattr(self, n) for n in self.__slots__)
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
         return f"{type(self).__name__}({fields})"

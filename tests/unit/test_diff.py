@@ -89,3 +89,22 @@ def test_entries_that_differ_only_in_size_compare_by_content() -> None:
     for data in (one, two):
         objects[tree_oid(data)] = data
     assert list(walk_diff(objects.get, tree_oid(one), tree_oid(two))) == []
+
+
+def test_change_lists_are_read_only_values_that_pickle_and_copy() -> None:
+    import copy
+    import pickle
+
+    import pytest
+
+    from snapfs._diff import Changes, ChangeSet
+
+    cs = ChangeSet(["a"], ["m"], None, [("x", "y")])
+    assert cs == ChangeSet(["a"], ["m"], [], [("x", "y")]) and cs != Changes(["a"], ["m"])
+    assert pickle.loads(pickle.dumps(cs)) == cs == copy.deepcopy(cs)
+    assert repr(Changes(["a"])) == "Changes(added=['a'], modified=[], deleted=[])"
+    assert not Changes() and Changes(deleted=["d"])
+    with pytest.raises(AttributeError):
+        cs.added = []  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        hash(cs)
