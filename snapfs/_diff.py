@@ -14,11 +14,8 @@ TreeLoader = Callable[[Oid], bytes | None]
 
 
 class _Lists:
-    """Read-only lists of paths, compared by value.
-
-    Hand-written rather than frozen dataclasses: every command imports this module, and
-    ``import dataclasses`` costs ~12 ms (it imports inspect), plus ~1 ms per class defined.
-    """
+    """Read-only lists of paths, compared by value (not a frozen dataclass: see the note on
+    ``_config.Config``)."""
 
     __slots__: tuple[str, ...] = ()
 

@@ -324,7 +324,10 @@ def _inotify_classes() -> tuple[Any, Any, Any]:
 
     _require_hooks(
         (InotifyFD, ("_read_event_buffer", "handle_event", "_get_or_create_watch", "run", "close")),
-        (InotifyWatchGroup, ("__post_init__", "_add_all_callbacks", "_add_callback", "deactivate")),
+        (
+            InotifyWatchGroup,
+            ("__post_init__", "_add_all_callbacks", "_add_callback", "_remove_callbacks"),
+        ),
         (InotifyEmitter, ("on_thread_start", "get_event_mask_from_filter")),
     )
 
@@ -404,18 +407,15 @@ def _inotify_classes() -> tuple[Any, Any, Any]:
             self._prefix = self.path.rstrip(b"/") + b"/"
             super().__post_init__()
 
-        def deactivate(self) -> None:
-            if not getattr(self._inotify_fd, "discarding", False):
-                super().deactivate()
+        def _remove_callbacks(self, wds: list[WatchDescriptor]) -> None:
+            if not getattr(self._inotify_fd, "discarding", False):  # (a CountingInotifyFD)
+                super()._remove_callbacks(wds)
                 return
-            # As watchdog's, without removing each watch: the descriptor is closed next (see
-            # CountingInotifyFD.close). Events read until then find the group inactive, as
-            # they do in watchdog's order, and are dropped.
-            with self._lock:
-                self._is_active = False
-                self._nodes_by_wd.clear()
-                self._root = None
-                self._move_event_grouper.close()
+            # The observer is stopping (watchdog's deactivate, which also marks the group
+            # inactive): only forget the watches; closing the descriptor next drops them in
+            # the kernel (see CountingInotifyFD.close).
+            for wd in wds:
+                self._nodes_by_wd.pop(wd, None)
 
         def _unwatched(self, path: bytes) -> bool:
             """Folders inside a state folder. Their events are never recorded, and watching

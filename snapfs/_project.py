@@ -71,8 +71,7 @@ _DURATION = r"^(\d+)\s*([smhdw])$"
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-# NamedTuples, not frozen dataclasses: every command imports this module, and `import
-# dataclasses` costs ~12 ms (it imports inspect), plus ~1 ms per class defined.
+# No dataclasses on the command path (why: the note on _config.Config).
 class SnapshotInfo(NamedTuple):
     """A snapshot as users see it. ``id`` is the number they type."""
 

@@ -199,6 +199,10 @@ class Transaction:
         self.journal_note = ""  # why the journal could not be used, if it couldn't
         self._owner_token = ""  # snapfs run: the token its command will carry (see Owner)
 
+    def _owner(self) -> Owner:
+        """This process as the transaction's owner, with the token its command carries."""
+        return Owner.current()._replace(token=self._owner_token)
+
     # ---- lifecycle ----------------------------------------------------------------------
     def __enter__(self) -> Transaction:
         self.begin()
@@ -242,7 +246,7 @@ class Transaction:
             label=self.label,
             parent=parent,
             checkpoint=self.checkpoint.id,
-            owner=Owner.current()._replace(token=self._owner_token).dumps(),
+            owner=self._owner().dumps(),
             preserve=json.dumps(list(self.preserve)),
         )
         crash_point("txn.begun")
@@ -624,8 +628,7 @@ def run_command(
         crash_point("run.spawned")
         # Record the command as part of the owner: if only snapfs is killed, recovery must not
         # roll the tree back under a command that is still running.
-        owner = Owner.current()._replace(token=token).with_child(child.pid)
-        project.state.set_txn_owner(tx.id, owner.dumps())
+        project.state.set_txn_owner(tx.id, tx._owner().with_child(child.pid).dumps())
         for signum in early:
             child.send_signal(signum)
         rc = child.wait()
