@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -536,3 +537,44 @@ def test_a_folder_that_cannot_be_watched_breaks_continuity_for_good(
     assert b"unwatched" in first.new_dirs
     later = journal.touched(s1, s2)  # the folder stays unwatched: no later interval is provable
     assert not later.continuous and "could not watch" in later.reason
+
+
+def test_changes_reach_the_writer_in_batches_not_one_hand_over_per_event(
+    root: Path, db: Path
+) -> None:
+    """2,000 new files are ~6,000 inotify events. watchdog dispatched each as event objects
+    through its observer's thread and the journal queued one row at a time (4,000+ hand-overs,
+    whose thread switches the journaled operation waited for); the emitter now hands over
+    whatever the grouper has ready as one list. Every file is still recorded."""
+    j = Journal(root, db)
+    real = j._queue
+    puts: list[int] = []
+
+    class Counting:
+        def put(self, rows: Any) -> None:
+            puts.append(0 if rows is None else len(rows))
+            real.put(rows)
+
+        def get(self, *args: object, **kwargs: object) -> object:
+            return real.get(*args, **kwargs)  # type: ignore[arg-type]
+
+        def get_nowait(self) -> object:
+            return real.get_nowait()
+
+    j._queue = Counting()  # type: ignore[assignment]
+    try:
+        since = j.start()
+        puts.clear()
+        for d in range(20):
+            (root / f"part{d:02d}").mkdir()
+        for i in range(2000):
+            (root / f"part{i % 20:02d}" / f"f{i:05d}.py").write_bytes(b"%08d\n" % i)
+        until = j.mark()
+        touched = j.touched(since, until)
+    finally:
+        j.stop()
+    assert touched.continuous, touched.reason
+    want = {f"part{i % 20:02d}/f{i:05d}.py".encode() for i in range(2000)}
+    assert want <= touched.paths
+    assert sum(puts) >= 4000  # a created and a modified row per file, at least
+    assert len(puts) < 2000, f"{len(puts)} hand-overs for {sum(puts)} rows"
