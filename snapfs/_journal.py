@@ -326,8 +326,8 @@ def _move_grouper_class() -> Any:
             self._queue = PromptQueue(self.delay)
 
         def ready(self) -> list[Any]:
-            prompt: Any = self._queue  # a PromptQueue (above)
-            return list(prompt.ready())
+            prompt: PromptQueue = self._queue  # type: ignore[assignment]  # set in __init__
+            return prompt.ready()
 
     return Grouper
 
@@ -523,7 +523,7 @@ def _inotify_classes() -> tuple[Any, Any]:
             # As watchdog's, with the faster recursive watch setup above.
             self._inotify = WatchGroup(
                 self._inotify_fd,
-                os.fsencode(self.watch.path),
+                self._root_b,
                 is_recursive=self.watch.is_recursive,
                 event_mask=self.get_event_mask_from_filter(),
                 follow_symlink=self.watch.follow_symlink,
@@ -637,6 +637,7 @@ def _event_filter() -> list[Any]:
     # No opened / closed-without-write events: reading files (a snapshot reads them all) must not
     # fill the kernel queue. FileModifiedEvent also brings IN_ATTRIB (chmod changes the tree), and
     # FileClosedEvent (IN_CLOSE_WRITE) catches writes through mmap, which raise no IN_MODIFY.
+    # watchdog derives the inotify mask from this list; Emitter._changes keeps the same kinds.
     from watchdog import events as ev
 
     return [
