@@ -77,6 +77,9 @@ class Config(NamedTuple):
     auto_keep: int = 20  # automatic checkpoints kept by the retention policy
     crash_policy: str = "rollback"  # for a transaction whose owner died: rollback or keep
     journal: bool = True  # watch transactions with inotify, so their work is O(changes)
+    # A transaction's own journal watches from a helper process, not this one's threads: the
+    # operation in this process then doesn't wait for the journal's threads to let go of the GIL.
+    journal_process: bool = True
     # downloads
     download_chunk: int = 8 << 20  # bytes per ranged request
     download_connections: int = 4  # requests in flight at once, over all sources
@@ -111,6 +114,7 @@ _ENV = {
     "SNAPFS_AUTO_KEEP": "auto_keep",
     "SNAPFS_CRASH_POLICY": "crash_policy",
     "SNAPFS_JOURNAL": "journal",
+    "SNAPFS_JOURNAL_PROCESS": "journal_process",
     "SNAPFS_DOWNLOAD_CHUNK": "download_chunk",
     "SNAPFS_DOWNLOAD_CONNECTIONS": "download_connections",
     "SNAPFS_RETRY_ATTEMPTS": "retry_attempts",
@@ -169,7 +173,14 @@ def _coerce(name: str, value: Any, base: Path | None) -> Any:
             if not 0 <= x <= 86400:
                 raise ValueError(x)
             return x
-        if name in ("compress", "verify_restore", "lock_wait", "journal", "seal_readonly"):
+        if name in (
+            "compress",
+            "verify_restore",
+            "lock_wait",
+            "journal",
+            "journal_process",
+            "seal_readonly",
+        ):
             return _parse_bool(value)
         if name == "preserve":
             items = value.split(os.pathsep) if isinstance(value, str) else value

@@ -716,9 +716,10 @@ class Journal:
         *,
         owner: str = "",
         on_modified: Callable[[bytes], None] | None = None,
+        run: str | None = None,
     ) -> None:
         self.root = Path(root)
-        self.run = uuid.uuid4().hex
+        self.run = run or uuid.uuid4().hex  # given: a helper process watching for a parent
         self.owner = owner
         self._on_modified = on_modified
         self._root = os.path.realpath(os.fspath(root))

@@ -292,14 +292,18 @@ class Project:
         ):
             yield
             return
-        from ._journal import Journal, JournalUnavailable
+        from ._journal import JournalUnavailable
+        from ._journal_proc import start_journal
         from ._txn import Owner
 
-        journal = Journal(
-            self.root, self.state.path, owner=Owner.current().dumps(), on_modified=self._modified
-        )
         try:
-            journal.start()
+            journal, _first = start_journal(
+                self.root,
+                self.state.path,
+                owner=Owner.current().dumps(),
+                on_modified=self._modified,
+                helper=self.config.journal_process,
+            )
         except JournalUnavailable:
             yield
             return

@@ -175,11 +175,18 @@ class Transaction:
         reuse_head: bool = False,
         post_kind: str = "post",
         post_label: str = "",
+        journal_helper: bool | None = None,
     ) -> None:
         """``reuse_head``: when the tree still equals HEAD, take HEAD as the checkpoint instead
         of recording the same tree again. An operation's steps use it with ``post_snapshot``
         (of kind ``post_kind``, labelled ``post_label``), so that each step's post snapshot is
-        the next step's restore point."""
+        the next step's restore point.
+
+        ``journal_helper``: whether a journal of the transaction's own watches from a helper
+        process (see ``_journal_proc``) rather than from threads of this one; default
+        ``config.journal_process``. The helper keeps an operation that runs in this process
+        from sharing the GIL with the journal; it is no use when the operation is another
+        process (``snapfs run``), and costs a process start."""
         self.project = project
         self.label = label
         self.post_snapshot = post_snapshot
@@ -198,6 +205,9 @@ class Transaction:
         self._since = 0
         self.journal_note = ""  # why the journal could not be used, if it couldn't
         self._owner_token = ""  # snapfs run: the token its command will carry (see Owner)
+        self._journal_helper = (
+            project.config.journal_process if journal_helper is None else journal_helper
+        )
 
     def _owner(self) -> Owner:
         """This process as the transaction's owner, with the token its command carries."""
@@ -275,7 +285,8 @@ class Transaction:
 
     # ---- the journal: limits the work of changes/rollback to what was touched ------------
     def _start_journal(self) -> None:
-        from ._journal import Journal, JournalUnavailable
+        from ._journal import JournalUnavailable
+        from ._journal_proc import start_journal
 
         p = self.project
         try:
@@ -285,9 +296,14 @@ class Transaction:
             elif (mark := external_mark(p, timeout=0.5)) is not None:
                 self._journal = WatchView(p, mark)  # snapfs watch is running: use its journal
             else:
-                self._journal = Journal(
-                    p.root, p.state.path, owner=Owner.current().dumps(), on_modified=self._modified
+                self._journal, self._since = start_journal(
+                    p.root,
+                    p.state.path,
+                    owner=Owner.current().dumps(),
+                    on_modified=self._modified,
+                    helper=self._journal_helper,
                 )
+                return
             self._since = self._journal.start()
         except JournalUnavailable as exc:
             self.journal_note = str(exc)
@@ -593,6 +609,7 @@ def run_command(
         post_snapshot=post_snapshot,
         preserve=preserve,
         progress=progress,
+        journal_helper=False,  # the command is a process of its own: threads don't slow it
     )
     # The command is known by a token from the start: snapfs may be killed after starting it
     # but before recording its pid, and recovery must not roll back under it meanwhile.

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 import snapfs
 from snapfs._journal import Journal
+from snapfs._journal_proc import ProcessJournal
 from tests.helpers import tree_state, write
 
 QUEUE = Path("/proc/sys/fs/inotify/max_queued_events")
@@ -53,15 +56,34 @@ def test_rollback_uses_the_journal_and_is_exact(project: snapfs.Project) -> None
     assert tx.changes.deleted == ["venv/lib/m7.py"]
 
 
+@contextmanager
+def _stalled(journal: Journal | None) -> Iterator[None]:
+    """Keep ``journal`` from reading the kernel queue for the block: its reader thread held
+    at the gate, or its helper process stopped with SIGSTOP."""
+    if isinstance(journal, ProcessJournal):
+        assert journal._proc is not None
+        os.kill(journal._proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(journal._proc.pid, signal.SIGCONT)
+    else:
+        assert isinstance(journal, Journal)
+        with journal._reader_gate:
+            yield
+
+
+@pytest.mark.parametrize("helper", [True, False], ids=["helper-process", "threads"])
 def test_rollback_is_exact_after_an_inotify_overflow(
-    project: snapfs.Project, tiny_inotify_queue: None
+    project: snapfs.Project, tiny_inotify_queue: None, helper: bool
 ) -> None:
+    project.config = project.config._replace(journal_process=helper)
     _base(project.root)
     before = tree_state(project.root)
     with pytest.raises(RuntimeError):
         with snapfs.transaction(project, "flood") as tx:
-            assert isinstance(tx._journal, Journal), tx.journal_note
-            with tx._journal._reader_gate:  # hold the reader: the kernel queue must overflow
+            assert type(tx._journal) is (ProcessJournal if helper else Journal), tx.journal_note
+            with _stalled(tx._journal):  # the kernel queue must overflow meanwhile
                 for i in range(3000):  # far past a 16-event queue
                     write(project.root, f"plugins/b/flood{i % 40}.py", f"{i}")
                 write(project.root, "plugins/a/m1.py", "edited during the flood")
