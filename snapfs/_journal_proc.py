@@ -227,7 +227,12 @@ class ProcessJournal(Journal):
 
     def _died(self) -> HelperFailed:
         proc = self._proc
-        code = proc.poll() if proc is not None else None
+        code = None
+        if proc is not None:  # its pipe closed: it is exiting, if not gone yet
+            try:
+                code = proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
         how = f" (exit status {code})" if code is not None and code >= 0 else ""
         if code is not None and code < 0:
             how = f" (killed by signal {-code})"
