@@ -292,21 +292,17 @@ class Project:
         ):
             yield
             return
-        from ._journal import JournalUnavailable
-        from ._journal_proc import start_journal
+        from ._journal import Journal, JournalUnavailable
         from ._txn import Owner
 
+        # Threads, not a helper process (_journal_proc): an import's steps (git, venv, pip) are
+        # processes of their own, which the GIL doesn't slow, and a helper made the start and
+        # each step's marks dearer (the recovery benchmark's own time: 0.86 s, with one 1.39 s).
+        journal = Journal(
+            self.root, self.state.path, owner=Owner.current().dumps(), on_modified=self._modified
+        )
         try:
-            journal, _first = start_journal(
-                self.root,
-                self.state.path,
-                owner=Owner.current().dumps(),
-                on_modified=self._modified,
-                # Threads: an import's steps (git, venv, pip) are processes of their own, which
-                # the GIL doesn't slow, and a helper made each step's marks and the start dearer
-                # (the recovery benchmark: the import's own time 0.86 s in threads, 1.39 s).
-                helper=False,
-            )
+            journal.start()
         except JournalUnavailable:
             yield
             return
